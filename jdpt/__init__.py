@@ -1,0 +1,17 @@
+"""jdpt: post-training for diffusion and flow-matching image models in JAX/Flax."""
+
+from jdpt import models, weights
+from jdpt.models import from_diffusers
+from jdpt.models.attention import AttentionPlan, LayerPlans, attention, plan_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionPlan",
+    "LayerPlans",
+    "attention",
+    "from_diffusers",
+    "models",
+    "plan_layers",
+    "weights",
+]

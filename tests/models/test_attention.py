@@ -1,0 +1,125 @@
+"""The attention entry point against jax.nn.dot_product_attention and closed forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdpt.models.attention import (
+    AttentionPlan,
+    LayerPlans,
+    attention,
+    available_implementations,
+    plan_layers,
+    resolve_plan,
+)
+
+
+def _qkv(b=2, t=7, s=7, h=3, d=8, seed=0, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (b, t, h, d), dtype), jax.random.normal(k2, (b, s, h, d), dtype),
+            jax.random.normal(k3, (b, s, h, d), dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t,s", [(7, 7), (5, 9)])
+def test_matches_jax_dot_product_attention(causal, t, s):
+    q, k, v = _qkv(t=t, s=s)
+    bias = jax.random.normal(jax.random.key(5), (1, 3, t, s))
+    mask = jax.random.uniform(jax.random.key(6), (2, 1, t, s)) > 0.2
+    mask = mask.at[..., 0].set(True)  # every query keeps at least one key, causal or not
+    out, probs = attention(q, k, v, bias=bias, mask=mask, is_causal=causal)
+    ref = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="xla")
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert probs is None
+
+
+def test_scale_argument():
+    q, k, v = _qkv()
+    out, _ = attention(q, k, v, scale=1.0)
+    ref = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_softpag_head_weight_closed_form():
+    """out = (1-u) softmax(qk^T/sqrt d) v + u v, per head and per batch element."""
+    q, k, v = _qkv()
+    plain, _ = attention(q, k, v)
+    u = jnp.array([[0.0, 0.5, 1.0], [1.0, 0.25, 0.0]])
+    out, _ = attention(q, k, v, plan=AttentionPlan(head_weight=u))
+    expected = (1 - u[:, None, :, None]) * plain + u[:, None, :, None] * v
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # u = 1 is PAG's identity attention: the oracle is an identity mask on those heads.
+    ones, _ = attention(q, k, v, plan=AttentionPlan(head_weight=jnp.ones(3)))
+    eye = jnp.eye(7, dtype=bool)[None, None]
+    oracle = jax.nn.dot_product_attention(q, k, v, mask=eye)
+    np.testing.assert_allclose(ones, oracle, atol=1e-5)
+    np.testing.assert_allclose(ones, v, atol=1e-6)
+
+
+def test_probabilities_head_averaged():
+    q, k, v = _qkv(t=4, s=6)
+    _, probs = attention(q, k, v, plan=AttentionPlan(return_probs=True), is_causal=True)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(8)
+    causal = jnp.tril(jnp.ones((4, 6), bool))
+    ref = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), -1).mean(1)
+    np.testing.assert_allclose(probs, ref, atol=1e-6)
+    # Perturbed heads report the map they actually used: (1-u) A + u I, averaged over heads.
+    q, k, v = _qkv(t=5, s=5)
+    u = jnp.array([1.0, 0.0, 0.5])
+    _, pert = attention(q, k, v, plan=AttentionPlan(head_weight=u, return_probs=True))
+    full = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(8), -1)
+    eff = (1 - u)[None, :, None, None] * full + u[None, :, None, None] * jnp.eye(5)
+    np.testing.assert_allclose(pert, eff.mean(1), atol=1e-6)
+    np.testing.assert_allclose(pert.sum(-1), 1.0, atol=1e-6)
+
+
+def test_bf16_keeps_fp32_softmax():
+    q, k, v = _qkv(t=64, s=64, d=64)
+    out32, _ = attention(q, k, v)
+    out16, _ = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=4e-2)
+
+
+def test_plans_by_layer_name():
+    names = ["blocks.0.attn", "blocks.1.attn", "single.0.attn"]
+    pag = AttentionPlan(head_weight=jnp.ones(2))
+    plans = plan_layers(names, r"blocks\.\d+\.attn", pag)
+    assert set(plans.layers) == {"blocks.0.attn", "blocks.1.attn"}
+    assert resolve_plan(plans, "blocks.1.attn") is pag
+    assert resolve_plan(plans, "single.0.attn") == AttentionPlan()
+    assert resolve_plan(None, "x") == AttentionPlan()
+    assert resolve_plan(pag, "anything") is pag
+    # Plans are pytrees: the per-head weights are traced, so new values do not recompile.
+    traces = []
+
+    @jax.jit
+    def f(plans, q, k, v):
+        traces.append(1)
+        return attention(q, k, v, plan=plans.for_layer("blocks.0.attn"))[0]
+
+    q, k, v = _qkv(h=2)
+    f(plans, q, k, v)
+    f(LayerPlans(layers={n: AttentionPlan(head_weight=jnp.full(2, 0.3, jnp.float32)) for n in plans.layers}), q, k, v)
+    assert len(traces) == 1
+
+
+def test_errors_name_the_problem():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"no attention layer.*blocks\.0"):
+        plan_layers(["blocks.0.attn"], r"mid\..*", AttentionPlan())
+    with pytest.raises(ValueError, match="unknown attention implementation 'pallas'.*xla"):
+        attention(q, k, v, plan=AttentionPlan(impl="pallas"))
+    with pytest.raises(ValueError, match=r"head_weight must have shape \[H\] = \[3\]"):
+        attention(q, k, v, plan=AttentionPlan(head_weight=jnp.ones(4)))
+    q2, k2, v2 = _qkv(t=3, s=5)
+    with pytest.raises(ValueError, match="needs self-attention"):
+        attention(q2, k2, v2, plan=AttentionPlan(head_weight=jnp.ones(3)))
+    with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        attention(q, k[..., :4], v)
+    assert "xla" in available_implementations()

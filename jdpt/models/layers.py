@@ -166,9 +166,10 @@ ACTIVATIONS = {
 }
 
 
-def activation(name: str):
-    """The activation called ``name`` in diffusers/transformers configs."""
+def activation(name: str, *, field: str = "activation"):
+    """The activation called ``name`` in diffusers/transformers configs (``field``: the config
+    key, for the error message)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+        raise ValueError(f"{field}={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None

@@ -38,9 +38,9 @@ from jdpt.weights.files import STEMS, TensorFiles, WeightsError, read_config, re
 MODEL_CLASSES: dict[str, str] = {
     "FluxTransformer2DModel": "jdpt.models.flux:FluxTransformer",
     "AutoencoderKL": "jdpt.models.vae:AutoencoderKL",
-    "CLIPTextModel": "jdpt.models.text:CLIPTextModel",
-    "CLIPTextModelWithProjection": "jdpt.models.text:CLIPTextModelWithProjection",
-    "T5EncoderModel": "jdpt.models.text:T5EncoderModel",
+    "CLIPTextModel": "jdpt.models.clip:CLIPTextModel",
+    "CLIPTextModelWithProjection": "jdpt.models.clip:CLIPTextModelWithProjection",
+    "T5EncoderModel": "jdpt.models.t5:T5EncoderModel",
 }
 
 

@@ -130,7 +130,10 @@ def xla_attention(
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    # Head-major operands: one transpose each, then plain batched matmuls (measured faster on
+    # CPU, forward and backward, than contracting the [B, T, H, D] layout directly).
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -138,34 +141,28 @@ def xla_attention(
     if mask is not None:
         keep = mask.astype(bool)
     if is_causal:
-        t, s = q.shape[1], k.shape[1]
-        causal = jnp.tril(jnp.ones((t, s), bool))
+        causal = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
         keep = causal if keep is None else jnp.logical_and(keep, causal)
     if keep is not None:
         logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v)
+    avg = probs.mean(axis=1) if return_probs else None
     if head_weight is not None:
-        u = _head_weight(head_weight, q.shape[0], q.shape[2])
+        u = _head_weight(head_weight, q.shape[0], q.shape[1])  # [B, H, 1, 1]
         out = ((1.0 - u) * out.astype(jnp.float32) + u * v.astype(jnp.float32)).astype(out.dtype)
-    avg = None
-    if return_probs:
-        avg = probs.mean(axis=1)
-        if head_weight is not None:
-            # The perturbed map is (1-u)A + uI; average it over heads like the unperturbed one.
-            uh = _head_weight(head_weight, q.shape[0], q.shape[2])[:, 0, :, 0]  # [B, H]
-            eye = jnp.eye(q.shape[1], k.shape[1], dtype=jnp.float32)
-            avg = jnp.einsum("bh,bhts->bts", 1.0 - uh, probs) / q.shape[2] + (
-                uh.mean(axis=1)[:, None, None] * eye
-            )
-    return out, avg
+        if return_probs:  # the map actually used, (1-u)A + uI, averaged over heads
+            u = u[:, :, 0, 0]
+            eye = jnp.eye(q.shape[2], k.shape[2], dtype=jnp.float32)
+            avg = jnp.einsum("bh,bhts->bts", 1.0 - u, probs) / q.shape[1] + u.mean(axis=1)[:, None, None] * eye
+    return out.transpose(0, 2, 1, 3), avg
 
 
 register_implementation("xla", xla_attention)
 
 
 def _head_weight(u: Array, batch: int, heads: int) -> Array:
-    """Broadcast ``u`` ([H] or [B, H]) to ``[B, 1, H, 1]`` in fp32 (out layout [B, T, H, D])."""
+    """Broadcast ``u`` ([H] or [B, H]) to ``[B, H, 1, 1]`` in fp32 (head-major layout)."""
     u = jnp.asarray(u, jnp.float32)
     if u.ndim == 1:
         u = jnp.broadcast_to(u[None], (batch, u.shape[0]))
@@ -174,7 +171,7 @@ def _head_weight(u: Array, batch: int, heads: int) -> Array:
             f"head_weight must have shape [H] = [{heads}] or [B, H] = [{batch}, {heads}]; "
             f"got {tuple(u.shape)}"
         )
-    return u[:, None, :, None]
+    return u[:, :, None, None]
 
 
 def attention(

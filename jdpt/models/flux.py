@@ -311,3 +311,28 @@ class FluxTransformer(nnx.Module):
                 "this Flux model has no guidance embedding (guidance_embeds=False): pass guidance=None "
                 "and use classifier-free guidance instead"
             )
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` latents -> ``[B, (H/2)(W/2), 4C]`` tokens of 2x2 patches, with channels
+    ordered (C, dy, dx) as diffusers' ``FluxPipeline._pack_latents``."""
+    b, h, w, c = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux packs 2x2 patches: latent height and width must be even; got {h}x{w}")
+    x = latents.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: jax.Array, height: int, width: int) -> jax.Array:
+    """Inverse of :func:`pack_latents`: ``[B, (H/2)(W/2), 4C]`` -> ``[B, H, W, C]``."""
+    b, n, c4 = tokens.shape
+    if n != (height // 2) * (width // 2) or c4 % 4:
+        raise ValueError(f"{tuple(tokens.shape)} tokens do not unpack to a {height}x{width} latent")
+    x = tokens.reshape(b, height // 2, width // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, height, width, c4 // 4)
+
+
+def image_ids(height: int, width: int) -> jax.Array:
+    """RoPE ids ``[(H/2)(W/2), 3]`` of packed latent tokens: (0, row, column)."""
+    rows, cols = jnp.meshgrid(jnp.arange(height // 2), jnp.arange(width // 2), indexing="ij")
+    return jnp.stack([jnp.zeros_like(rows), rows, cols], axis=-1).reshape(-1, 3).astype(jnp.float32)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jdpt
+from jdpt.models.flux import FluxConfig, FluxTransformer
 from jdpt.models.attention import AttentionPlan, attention_layer_names, plan_layers
 from tests.reference import assert_parity, to_numpy, torch_module
 
@@ -199,3 +200,50 @@ def test_to_diffusers_round_trip(pair, tmp_path):
     inputs = _inputs(cfg, seed=9)
     expected = _torch_forward(ref, inputs)
     np.testing.assert_array_equal(_torch_forward(back, inputs).numpy(), expected.numpy())
+
+
+def test_latent_packing_matches_diffusers():
+    torch = torch_module()
+    from diffusers import FluxPipeline
+
+    from jdpt.models.flux import image_ids, pack_latents, unpack_latents
+
+    latents = np.random.default_rng(0).normal(size=(2, 6, 10, 4)).astype(np.float32)  # NHWC
+    ref = FluxPipeline._pack_latents(torch.from_numpy(latents.transpose(0, 3, 1, 2)), 2, 4, 6, 10)
+    np.testing.assert_array_equal(pack_latents(latents), ref.numpy())
+    np.testing.assert_array_equal(unpack_latents(pack_latents(latents), 6, 10), latents)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
+    np.testing.assert_array_equal(image_ids(6, 10), ids.numpy())
+    with pytest.raises(ValueError, match="must be even; got 5x10"):
+        pack_latents(latents[:, :5])
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = CONFIGS["dev"]
+    model = nnx.eval_shape(lambda: FluxTransformer(FluxConfig(**{k: v for k, v in cfg.items()
+                                                                 if k not in ("grid", "text")}),
+                                                   rngs=nnx.Rngs(0)))
+    good = _inputs(cfg)
+
+    def call(**changes):
+        jax.eval_shape(lambda m, i: m(**i), model, {**good, **changes})
+
+    call()  # the good inputs pass
+    cases = [
+        (dict(hidden_states=good["hidden_states"][..., :8]), r"in_channels=16\]; got shape \(2, 12, 8\)"),
+        (dict(hidden_states=np.zeros((2, 3, 4, 16), np.float32)), r"got shape \(2, 3, 4, 16\). Pack"),
+        (dict(encoder_hidden_states=good["encoder_hidden_states"][..., :3]), r"joint_attention_dim=24\]"),
+        (dict(pooled_projections=good["pooled_projections"][:1]), r"pooled_projection_dim=12\]"),
+        (dict(img_ids=good["img_ids"][:5]), r"img_ids must be \[12, 3\]"),
+        (dict(txt_ids=np.zeros((1, 5, 3), np.float32)), r"txt_ids must be \[5, 3\].*no batch axis"),
+        (dict(guidance=None), r"guidance_embeds=True\): pass guidance"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(**changes)
+    with pytest.raises(ValueError, match=r"guidance_embeds=False\): pass guidance=None"):
+        schnell = CONFIGS["schnell"]
+        m = nnx.eval_shape(lambda: FluxTransformer(FluxConfig(**{k: v for k, v in schnell.items()
+                                                                 if k not in ("grid", "text")}),
+                                                   rngs=nnx.Rngs(0)))
+        jax.eval_shape(lambda m, i: m(**i), m, {**_inputs(schnell), "guidance": np.ones(2, np.float32)})

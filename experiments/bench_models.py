@@ -1,0 +1,189 @@
+"""jdpt vs diffusers: forward and forward+backward time of the same model, same run, same machine.
+
+Both sides load the same random weights (diffusers writes them, jdpt loads the folder). Times
+are medians over repeats after warm-up, the four measurements interleaved in every repeat; jdpt's
+compile time is reported separately. The
+backward pass differentiates a scalar loss with respect to every parameter (a training step's
+work without the optimizer).
+
+    python experiments/bench_models.py [--repeats 10] [--threads N]
+
+Writes ``experiments/results/bench_models.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+RESULTS = Path(__file__).parent / "results"
+TARGET = 0.5  # the goal: jdpt forward+backward at most half of diffusers' time
+
+FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+            num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128,
+            guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, calling them in turn every repeat so that machine
+    load drifting during the run affects both sides alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def flux_case(repeats: int) -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    import jdpt
+
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel(**FLUX).eval()
+    rng = np.random.default_rng(0)
+    batch, n_img, n_txt = 2, 256, 64
+    grid = np.stack(np.meshgrid(np.zeros(1), np.arange(16), np.arange(16), indexing="ij"), -1)
+    inputs = {
+        "hidden_states": rng.normal(size=(batch, n_img, FLUX["in_channels"])),
+        "encoder_hidden_states": rng.normal(size=(batch, n_txt, FLUX["joint_attention_dim"])),
+        "pooled_projections": rng.normal(size=(batch, FLUX["pooled_projection_dim"])),
+        "timestep": rng.uniform(size=(batch,)),
+        "img_ids": grid.reshape(-1, 3),
+        "txt_ids": np.zeros((n_txt, 3)),
+    }
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = jdpt.from_diffusers(folder)
+
+    # diffusers
+    targs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+    def torch_forward():
+        with torch.no_grad():
+            return ref(**targs).sample
+
+    def torch_train():
+        ref.zero_grad(set_to_none=True)
+        ref(**targs).sample.pow(2).mean().backward()
+
+    for fn in (torch_forward, torch_train):
+        fn()
+
+    # jdpt
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    jin = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+    @jax.jit
+    def forward(params, inputs):
+        return nnx.merge(graphdef, params, rest)(**inputs)
+
+    @jax.jit
+    def train(params, inputs):
+        return jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(**inputs) ** 2))(params)
+
+    compile_times = {}
+    for name, fn in (("forward", forward), ("forward+backward", train)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params, jin))
+        compile_times[name] = time.perf_counter() - start
+    t = _interleaved_medians({
+        "diffusers forward": torch_forward,
+        "jdpt forward": lambda: jax.block_until_ready(forward(params, jin)),
+        "diffusers forward+backward": torch_train,
+        "jdpt forward+backward": lambda: jax.block_until_ready(train(params, jin)),
+    }, repeats)
+    t_fwd, t_train = t["diffusers forward"], t["diffusers forward+backward"]
+    j_fwd, j_train = t["jdpt forward"], t["jdpt forward+backward"]
+
+    # Same numbers, so the timing compares like with like.
+    err = float(np.abs(np.asarray(forward(params, jin)) - torch_forward().numpy()).max())
+    return {
+        "model": "Flux",
+        "config": FLUX,
+        "batch": batch,
+        "tokens": {"image": n_img, "text": n_txt},
+        "dtype": "float32",
+        "max_abs_diff_vs_diffusers": err,
+        "diffusers_s": {"forward": t_fwd, "forward+backward": t_train},
+        "jdpt_s": {"forward": j_fwd, "forward+backward": j_train},
+        "jdpt_compile_s": compile_times,
+        "ratio_jdpt_over_diffusers": {"forward": j_fwd / t_fwd, "forward+backward": j_train / t_train},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="PyTorch intra-op threads (XLA uses all cores)")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = [flux_case(args.repeats)]
+    env = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+    }
+    header = ("| model | pass | diffusers (ms) | jdpt (ms) | jdpt / diffusers | jdpt compile (s) |\n"
+              "|---|---|---|---|---|---|")
+    lines = [header]
+    for r in rows:
+        for p in ("forward", "forward+backward"):
+            lines.append(
+                f"| {r['model']} | {p} | {1e3 * r['diffusers_s'][p]:.1f} | {1e3 * r['jdpt_s'][p]:.1f} | "
+                f"{r['ratio_jdpt_over_diffusers'][p]:.2f}x | {r['jdpt_compile_s'][p]:.1f} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    print(f"\n{env}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_models.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    notes = "\n".join(
+        f"- {r['model']}: batch {r['batch']}, {r['tokens']['image']} image + {r['tokens']['text']} text "
+        f"tokens, {r['dtype']}, max |jdpt - diffusers| = {r['max_abs_diff_vs_diffusers']:.1e}; "
+        f"config {r['config']}"
+        for r in rows
+    )
+    verdicts = "\n".join(
+        f"- {r['model']} forward+backward: target <= {TARGET}x diffusers, reached "
+        f"{r['ratio_jdpt_over_diffusers']['forward+backward']:.2f}x "
+        f"({'met' if r['ratio_jdpt_over_diffusers']['forward+backward'] <= TARGET else 'NOT met'})"
+        for r in rows
+    )
+    print(verdicts)
+    (RESULTS / "bench_models.md").write_text(
+        "# jdpt vs diffusers model timings\n\n"
+        "Median wall time per call after warm-up, same weights and inputs, same process, the "
+        "measurements interleaved repeat by repeat. "
+        "forward+backward = gradient of mean(output^2) w.r.t. all parameters. "
+        "Produced by `python experiments/bench_models.py`.\n\n"
+        f"{table}\n\n{verdicts}\n\n{notes}\n\nEnvironment: `{json.dumps(env)}`\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -255,7 +255,10 @@ def load_lora(model: nnx.Module, path: str | Path, *, prefix: str = "transformer
         alpha = _pattern_value(meta.get("alpha_pattern", {}), name, meta.get("lora_alpha", rank))
         base = _get(model, paths[name])
         if isinstance(base, LoRALinear):
-            raise WeightsError(f"{name} already has a LoRA adapter")
+            raise WeightsError(
+                f"{name} already has a LoRA adapter: load_lora adds the adapters itself, so load "
+                "into a model that has none at these layers (e.g. a fresh from_diffusers copy)"
+            )
         n_in, n_out = base.kernel.shape
         if a.shape != (rank, n_in) or b.shape != (n_out, rank):
             raise WeightsError(

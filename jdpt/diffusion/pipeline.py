@@ -12,8 +12,11 @@ import jax.numpy as jnp
 
 from jdpt.diffusion.samplers import euler_flow
 from jdpt.diffusion.schedules import flow_sigmas, flux_mu
-from jdpt.models.flux import FluxTransformer, image_ids, pack_latents, unpack_latents
+from jdpt.models.flux import FluxTransformer, image_ids, unpack_latents
+from jdpt.models.pixels import PixelCodec
 from jdpt.models.vae import AutoencoderKL
+
+ImageCodec = AutoencoderKL | PixelCodec
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -21,15 +24,15 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
 
 
-def flux_latent_size(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int]:
+def flux_latent_size(vae: ImageCodec, height: int, width: int) -> tuple[int, int]:
     """Latent height and width for an image size (even, as Flux packs 2x2 patches)."""
-    factor = vae.config.downsample_factor
+    factor = vae.downsample_factor
     return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
 
 
 def flux_generate(
     transformer: FluxTransformer,
-    vae: AutoencoderKL,
+    vae: ImageCodec,
     prompt_embeds: jax.Array,
     pooled_prompt_embeds: jax.Array,
     *,
@@ -39,15 +42,27 @@ def flux_generate(
     width: int = 1024,
     num_inference_steps: int = 28,
     guidance_scale: float = 3.5,
+    negative_prompt_embeds: jax.Array | None = None,
+    negative_pooled_prompt_embeds: jax.Array | None = None,
+    true_cfg_scale: float = 1.0,
+    sigmas: jax.Array | None = None,
 ) -> jax.Array:
     """Sample images with a Flux transformer (jit this function; models are pytrees).
 
     Args:
+        vae: ``AutoencoderKL`` or any codec with ``downsample_factor`` and ``decode_latents``
+            (``PixelCodec`` for pixel-space models).
         prompt_embeds: ``[B, S_txt, joint_attention_dim]`` (T5 tokens).
         pooled_prompt_embeds: ``[B, pooled_projection_dim]`` (pooled CLIP).
         key: PRNG key for the initial noise (or pass ``latents``).
         latents: initial packed noise ``[B, S_img, in_channels]`` instead of ``key``.
         guidance_scale: embedded guidance (used only by guidance-distilled models).
+        negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional (negative)
+            prompt, same shapes as the positive ones; with ``true_cfg_scale > 1`` every step
+            uses classifier-free guidance ``v_neg + true_cfg_scale * (v_pos - v_neg)``
+            (diffusers' ``true_cfg_scale``), both branches in one batched forward.
+        sigmas: ``[N + 1]`` noise levels overriding the default schedule (Flux's
+            resolution-dependent shift over ``num_inference_steps`` steps).
     Returns:
         ``[B, height, width, 3]`` uint8 images.
     """
@@ -61,15 +76,40 @@ def flux_generate(
         latents = jax.random.normal(key, shape, jnp.float32)
     elif latents.shape != shape:
         raise ValueError(f"latents must be packed noise {shape} for a {height}x{width} image; got {latents.shape}")
+    has_negative = (negative_prompt_embeds is not None, negative_pooled_prompt_embeds is not None)
+    if any(has_negative) and not all(has_negative):
+        raise ValueError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+    cfg = true_cfg_scale > 1 and all(has_negative)
+    if true_cfg_scale > 1 and not cfg:
+        raise ValueError(
+            f"true_cfg_scale={true_cfg_scale} needs negative_prompt_embeds and "
+            "negative_pooled_prompt_embeds (the unconditional prompt's embeddings)"
+        )
     dtype = transformer.x_embedder.kernel.get_value().dtype
-    sigmas = flow_sigmas(num_inference_steps, mu=flux_mu(n_img))
+    if sigmas is None:
+        sigmas = flow_sigmas(num_inference_steps, mu=flux_mu(n_img))
     img_ids = image_ids(lh, lw)
     txt_ids = jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32)
-    guidance = jnp.full((b,), guidance_scale, jnp.float32) if transformer.config.guidance_embeds else None
+    context, pooled = prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype)
+    if cfg:
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"negative_prompt_embeds {negative_prompt_embeds.shape} must match prompt_embeds "
+                f"{prompt_embeds.shape} (pad both prompts to the same token length)"
+            )
+        context = jnp.concatenate([negative_prompt_embeds.astype(dtype), context])
+        pooled = jnp.concatenate([negative_pooled_prompt_embeds.astype(dtype), pooled])
+    n = context.shape[0]
+    guidance = jnp.full((n,), guidance_scale, jnp.float32) if transformer.config.guidance_embeds else None
 
     def velocity(x, sigma):
-        return transformer(x, prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype),
-                           jnp.full((b,), sigma), img_ids, txt_ids, guidance)
+        if cfg:
+            x = jnp.concatenate([x, x])
+        v = transformer(x, context, pooled, jnp.full((n,), sigma), img_ids, txt_ids, guidance)
+        if cfg:
+            v_neg, v_pos = jnp.split(v.astype(jnp.float32), 2)
+            v = v_neg + true_cfg_scale * (v_pos - v_neg)
+        return v
 
     tokens = euler_flow(velocity, latents.astype(dtype), sigmas)
     z = unpack_latents(tokens, lh, lw)

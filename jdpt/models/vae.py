@@ -397,6 +397,11 @@ class AutoencoderKL(nnx.Module):
         z = posterior.sample(key) if sample_posterior else posterior.mode()
         return self.decode(z, plans=plans)
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each spatial axis."""
+        return self.config.downsample_factor
+
     def encode_latents(self, x: Array, key: Array | None = None, *, plans: Plans = None) -> Array:
         """Denoiser-space latents of images ``x``: ``(z - shift) * scaling_factor / std``.
 

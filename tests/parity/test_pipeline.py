@@ -19,8 +19,8 @@ FLUX = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_di
             axes_dims_rope=(4, 6, 6))
 
 
-@pytest.mark.parametrize("guidance_embeds", [True, False])
-def test_flux_generate_matches_diffusers_pipeline(tmp_path, guidance_embeds):
+@pytest.mark.parametrize("guidance_embeds,true_cfg", [(True, 1.0), (False, 1.0), (False, 2.5)])
+def test_flux_generate_matches_diffusers_pipeline(tmp_path, guidance_embeds, true_cfg):
     torch = torch_module()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -42,17 +42,44 @@ def test_flux_generate_matches_diffusers_pipeline(tmp_path, guidance_embeds):
     pooled = rng.normal(size=(2, 12)).astype(np.float32)
     height, width = 16, 24  # latent 8x12 -> 4x6 = 24 packed tokens
     noise = rng.normal(size=(2, 24, 16)).astype(np.float32)
+    negative = {}
+    if true_cfg > 1:  # classifier-free guidance against a negative prompt
+        negative = dict(negative_prompt_embeds=rng.normal(size=(2, 6, 24)).astype(np.float32),
+                        negative_pooled_prompt_embeds=rng.normal(size=(2, 12)).astype(np.float32))
     ref = pipe(prompt_embeds=torch.from_numpy(prompt), pooled_prompt_embeds=torch.from_numpy(pooled),
                latents=torch.from_numpy(noise), height=height, width=width, num_inference_steps=4,
-               guidance_scale=3.5, output_type="np").images
+               guidance_scale=3.5, true_cfg_scale=true_cfg, output_type="np",
+               **{k: torch.from_numpy(v) for k, v in negative.items()}).images
     ref_uint8 = (ref * 255).round().astype(np.uint8)
 
     ours_t = jdpt.from_diffusers(tmp_path / "transformer")
     ours_v = jdpt.from_diffusers(tmp_path / "vae")
-    generate = jax.jit(flux_generate, static_argnames=("height", "width", "num_inference_steps", "guidance_scale"))
+    generate = jax.jit(flux_generate, static_argnames=("height", "width", "num_inference_steps",
+                                                       "guidance_scale", "true_cfg_scale"))
     images = np.asarray(generate(ours_t, ours_v, prompt, pooled, latents=noise, height=height, width=width,
-                                 num_inference_steps=4, guidance_scale=3.5))
+                                 num_inference_steps=4, guidance_scale=3.5, true_cfg_scale=true_cfg,
+                                 **negative))
     assert images.shape == (2, height, width, 3) and images.dtype == np.uint8
     diff = np.abs(images.astype(int) - ref_uint8.astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"  # only rounding-boundary flips
     assert (diff > 0).mean() < 0.01
+
+
+def test_flux_generate_cfg_arguments_are_checked():
+    from flax import nnx
+
+    from jdpt.models.flux import FluxConfig, FluxTransformer
+    from jdpt.models.pixels import PixelCodec
+
+    model = FluxTransformer(FluxConfig(**FLUX), rngs=nnx.Rngs(0))
+    prompt, pooled = np.zeros((1, 6, 24), np.float32), np.zeros((1, 12), np.float32)
+    kw = dict(key=jax.random.key(0), height=8, width=8, num_inference_steps=1)
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds"):
+        flux_generate(model, PixelCodec(factor=1, channels=4), prompt, pooled, true_cfg_scale=3.0, **kw)
+    with pytest.raises(ValueError, match="pass both"):
+        flux_generate(model, PixelCodec(factor=1, channels=4), prompt, pooled, negative_prompt_embeds=prompt, **kw)
+    with pytest.raises(ValueError, match="must match prompt_embeds"):
+        flux_generate(model, PixelCodec(factor=1, channels=4), prompt, pooled, true_cfg_scale=3.0,
+                      negative_prompt_embeds=prompt[:, :3], negative_pooled_prompt_embeds=pooled, **kw)
+    images = flux_generate(model, PixelCodec(factor=1, channels=4), prompt, pooled, **kw)
+    assert images.shape == (1, 8, 8, 4) and images.dtype == np.uint8

@@ -32,7 +32,7 @@ def resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = N
     if not path.exists():
         text = str(name_or_path)
         if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-            path = _from_hub_cache(text, revision, cache_dir)
+            path = from_hub_cache(text, revision, cache_dir)
         else:
             raise WeightsError(f"weights folder {str(path)!r} does not exist")
     if subfolder:
@@ -52,7 +52,7 @@ def resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = N
     return path
 
 
-def _from_hub_cache(repo_id: str, revision: str | None, cache_dir) -> Path:
+def from_hub_cache(repo_id: str, revision: str | None, cache_dir) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -1,0 +1,187 @@
+"""Diffusers pipeline folders -> jdpt models, tokenizers and sampler settings.
+
+A pipeline folder (what ``pipe.save_pretrained`` writes, or a hub snapshot) holds a
+``model_index.json`` naming the pipeline class and one subfolder per component. Only the Flux
+text-to-image pipeline is read so far; its single models load with :func:`from_diffusers` as well
+(``jdpt.from_diffusers(folder, subfolder="transformer")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from transformers import AutoTokenizer
+
+from jdpt.diffusion.schedules import flow_sigmas, flux_mu
+from jdpt.weights.diffusers import from_diffusers
+from jdpt.weights.files import WeightsError, from_hub_cache
+
+# model_index.json entry -> the [library, class] it must name (None: any tokenizer class).
+FLUX_COMPONENTS: dict[str, tuple[str, str] | None] = {
+    "transformer": ("diffusers", "FluxTransformer2DModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": None,
+    "text_encoder_2": ("transformers", "T5EncoderModel"),
+    "tokenizer_2": None,
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+}
+SUPPORTED_PIPELINES = ("FluxPipeline",)
+
+# FlowMatchEulerDiscreteScheduler options (diffusers applies them when truthy) jdpt's Flux sampler
+# does not implement.
+_UNSUPPORTED_SCHEDULER_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                                  "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxScheduler:
+    """The ``FlowMatchEulerDiscreteScheduler`` settings the Flux pipeline samples with.
+
+    Flux.1-dev uses dynamic (resolution-dependent) shifting; Flux.1-schnell a static ``shift=1``.
+    """
+
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any], *, source: str = "scheduler_config.json") -> FluxScheduler:
+        """From a diffusers ``scheduler_config.json`` dict; options jdpt does not implement raise."""
+        for key in _UNSUPPORTED_SCHEDULER_OPTIONS:
+            if raw.get(key):
+                raise WeightsError(f"{source}: {key}={raw[key]!r} is not implemented by jdpt's Flux "
+                                   "sampler; unset it (diffusers' default) or sample with diffusers")
+        if raw.get("time_shift_type", "exponential") != "exponential":
+            raise WeightsError(f"{source}: time_shift_type={raw['time_shift_type']!r} is not implemented "
+                               "by jdpt's Flux sampler; use 'exponential' (diffusers' default)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def sigmas(self, num_inference_steps: int, image_seq_len: int) -> np.ndarray:
+        """``[num_inference_steps + 1]`` fp32 noise levels, as ``FluxPipeline.__call__`` sets
+        them for ``image_seq_len`` packed latent tokens (the last one 0)."""
+        if self.use_dynamic_shifting:
+            mu = flux_mu(image_seq_len, base_seq_len=self.base_image_seq_len,
+                         max_seq_len=self.max_image_seq_len, base_shift=self.base_shift,
+                         max_shift=self.max_shift)
+            return flow_sigmas(num_inference_steps, mu=mu)
+        return flow_sigmas(num_inference_steps, shift=self.shift)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FluxPipelineParts:
+    """The components of a diffusers ``FluxPipeline`` folder, loaded by :func:`load_flux_pipeline`.
+
+    Attributes:
+        transformer: ``jdpt.models.flux.FluxTransformer``.
+        vae: ``jdpt.models.vae.AutoencoderKL``.
+        clip: ``jdpt.models.clip.CLIPTextModel`` (its ``pooler_output`` is the pooled prompt).
+        clip_tokenizer: transformers tokenizer of ``clip`` (pads to ``model_max_length``, 77).
+        t5: ``jdpt.models.t5.T5EncoderModel`` (its ``last_hidden_state`` is the prompt sequence).
+        t5_tokenizer: transformers tokenizer of ``t5``.
+        scheduler: the sampler settings of ``scheduler/scheduler_config.json``.
+    """
+
+    transformer: nnx.Module
+    vae: nnx.Module
+    clip: nnx.Module
+    clip_tokenizer: Any
+    t5: nnx.Module
+    t5_tokenizer: Any
+    scheduler: FluxScheduler
+
+
+def load_flux_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> FluxPipelineParts:
+    """Load a diffusers ``FluxPipeline`` folder (never downloads).
+
+    Args:
+        folder: the pipeline folder (holding ``model_index.json``), or a hub repo id such as
+            ``"black-forest-labs/FLUX.1-dev"`` already in the local Hugging Face cache.
+        dtype: cast the models' floating parameters (e.g. ``jnp.bfloat16``); default keeps the
+            stored dtype.
+        revision: hub revision (branch, tag or commit) when resolving a repo id from the cache.
+        cache_dir: hub cache location (default ``$HF_HUB_CACHE``).
+
+    Returns:
+        :class:`FluxPipelineParts`.
+    """
+    root = _pipeline_root(folder, revision, cache_dir)
+    _check_flux_index(root)
+    scheduler_config = root / "scheduler" / "scheduler_config.json"
+    if not scheduler_config.is_file():
+        raise WeightsError(f"{str(scheduler_config)!r} is missing; download the pipeline's scheduler "
+                           "folder too, or save the pipeline again with pipe.save_pretrained")
+    scheduler = FluxScheduler.from_config(json.loads(scheduler_config.read_text()),
+                                          source=str(scheduler_config))
+    models = {name: from_diffusers(root, subfolder=name, dtype=dtype)
+              for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    return FluxPipelineParts(
+        transformer=models["transformer"],
+        vae=models["vae"],
+        clip=models["text_encoder"],
+        clip_tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        t5=models["text_encoder_2"],
+        t5_tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+        scheduler=scheduler,
+    )
+
+
+def _pipeline_root(folder: str | os.PathLike, revision: str | None, cache_dir) -> Path:
+    path = Path(folder).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise WeightsError(f"{str(path)!r} is a file; pass the pipeline folder holding model_index.json")
+        return path
+    text = str(folder)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return from_hub_cache(text, revision, cache_dir)
+    raise WeightsError(f"pipeline folder {str(path)!r} does not exist; pass a local pipeline folder "
+                       "or a hub repo id (org/name) that is in the Hugging Face cache")
+
+
+def _check_flux_index(root: Path) -> None:
+    """The folder is a complete ``FluxPipeline`` with the component classes jdpt loads."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        hint = (" It is a single model folder: load it with jdpt.from_diffusers(folder)."
+                if (root / "config.json").is_file() else "")
+        raise WeightsError(f"{str(root)!r} has no model_index.json, so it is not a diffusers pipeline "
+                           f"folder; pass the pipeline's root folder (saved by pipe.save_pretrained)."
+                           f"{hint}")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{index_path}: not valid JSON ({e})") from None
+    name = index.get("_class_name")
+    if name not in SUPPORTED_PIPELINES:
+        raise WeightsError(
+            f"{index_path}: pipeline class {name!r} is not supported; load_flux_pipeline reads "
+            f"{', '.join(SUPPORTED_PIPELINES)} folders (load single models of other pipelines with "
+            "jdpt.from_diffusers(folder, subfolder=...))"
+        )
+    for component, want in FLUX_COMPONENTS.items():
+        entry = index.get(component)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            raise WeightsError(f"{index_path}: no {component!r} component ({component}: {entry!r}); "
+                               f"FluxPipeline needs all of {list(FLUX_COMPONENTS)}")
+        if want is not None and tuple(entry) != want:
+            raise WeightsError(f"{index_path}: {component!r} is {entry}; jdpt's FluxPipeline loader "
+                               f"needs {list(want)}")
+    missing = [c for c in FLUX_COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise WeightsError(
+            f"pipeline folder {str(root)!r} lacks the subfolders {missing} that model_index.json "
+            "names; download the whole pipeline (e.g. `hf download REPO`) or save it again with "
+            "pipe.save_pretrained"
+        )

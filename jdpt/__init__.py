@@ -1,6 +1,6 @@
 """jdpt: post-training for diffusion and flow-matching image models in JAX/Flax."""
 
-from jdpt import models, weights
+from jdpt import data, diffusion, models, rewards, weights, world
 from jdpt.models import from_diffusers
 from jdpt.models.attention import AttentionPlan, LayerPlans, attention, plan_layers
 
@@ -10,8 +10,12 @@ __all__ = [
     "AttentionPlan",
     "LayerPlans",
     "attention",
+    "data",
+    "diffusion",
     "from_diffusers",
     "models",
     "plan_layers",
+    "rewards",
     "weights",
+    "world",
 ]

@@ -1,0 +1,158 @@
+"""Where the Shapes-world base models live: Orbax checkpoints in ``$JDPT_CACHE`` (default
+``~/.cache/jdpt``), one folder per preset, trained once and reused.
+
+A model folder holds ``world.json`` (the world and training configs, the pretraining history and
+its evaluation) beside ``text_encoder/`` and ``transformer/`` (``jdpt.weights.save`` checkpoints).
+A folder written for another configuration is never trained over: loading it raises an error that
+names the differing settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jdpt.weights import checkpoint
+from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel
+from jdpt.world.pretrain import PretrainConfig
+
+FORMAT = "jdpt-shapes-world-1"
+META = "world.json"
+
+PRESETS: dict[str, tuple[WorldConfig, PretrainConfig]] = {
+    # The README's base model: ~15 minutes on 2 CPU cores.
+    "default": (WorldConfig(), PretrainConfig()),
+    # CI's reduced pretraining: under 2 minutes on 2 CPU cores, still clearly above chance.
+    "ci": (WorldConfig(width=64, heads=2, text_layers=1, double_layers=1, single_layers=1),
+           PretrainConfig(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=30)),
+}
+
+
+class CacheError(RuntimeError):
+    """A cache folder cannot be used (unwritable, or holding another configuration's model)."""
+
+
+def cache_root() -> Path:
+    """``$JDPT_CACHE`` or ``~/.cache/jdpt``."""
+    return Path(os.environ.get("JDPT_CACHE") or "~/.cache/jdpt").expanduser()
+
+
+def model_dir(preset: str, root: str | Path | None = None) -> Path:
+    """The folder of a preset's base model."""
+    return Path(root if root is not None else cache_root()) / "shapes" / preset
+
+
+def describe(world: WorldConfig, train: PretrainConfig) -> dict[str, Any]:
+    return {"world": world.to_dict(), "pretrain": dataclasses.asdict(train)}
+
+
+def save_model(model: WorldModel, directory: str | Path, *, train: PretrainConfig, info: dict) -> Path:
+    """Write ``model`` and ``world.json`` to ``directory`` atomically (a crash leaves no half
+    checkpoint behind: it is written beside the target and renamed into place)."""
+    directory = Path(directory).absolute()
+    if directory.exists():
+        raise CacheError(f"{directory} exists; save into a new folder (or delete it first)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        checkpoint.save(model.text_encoder, tmp / "text_encoder", overwrite=True)
+        checkpoint.save(model.transformer, tmp / "transformer", overwrite=True)
+        meta = {"format": FORMAT, **describe(model.config, train), **info}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CacheError(f"{directory} holds no Shapes-world model ({META} is missing)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_model(directory: str | Path) -> tuple[WorldModel, dict[str, Any]]:
+    """Restore a model folder written by :func:`save_model`; returns it and its ``world.json``."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    world = WorldConfig.from_dict(meta["world"])
+    model = WorldModel(world, rngs=None, text_encoder=checkpoint.restore(directory / "text_encoder"),
+                       transformer=checkpoint.restore(directory / "transformer"))
+    return model, meta
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b and not (isinstance(a, list) and isinstance(b, tuple | list) and list(a) == list(b)):
+            out.append(f"{prefix}{k}: stored {a!r}, wanted {b!r}")
+    return out
+
+
+def check_writable(directory: Path) -> None:
+    """Raise :class:`CacheError` unless files can be created in ``directory``'s parent."""
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the model cache at {parent} ({e.strerror or e}); point JDPT_CACHE at a "
+            "writable folder (or pass cache_dir=)"
+        ) from None
+
+
+def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, progress: bool = True,
+               world: WorldConfig | None = None, train: PretrainConfig | None = None
+               ) -> tuple[WorldModel, dict[str, Any]]:
+    """The pretrained Shapes-world model of ``preset``: loaded from the cache, or pretrained
+    (with a progress bar), evaluated and cached on first use.
+
+    ``world`` / ``train`` override the preset's configs; a cached model of different configs is
+    an error, never retrained over.
+    """
+    from jdpt.world.pretrain import eval_prompts, evaluate, pretrain
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    world = world or PRESETS[preset][0]
+    train = train or PRESETS[preset][1]
+    directory = model_dir(preset, cache_dir)
+    if (directory / META).exists():
+        stored = read_meta(directory)
+        diff = _differences(describe(WorldConfig.from_dict(stored["world"]), PretrainConfig(**stored["pretrain"])),
+                            describe(world, train))
+        if diff:
+            raise CacheError(
+                f"{directory} holds a {preset!r} model of another configuration ({'; '.join(diff)}). "
+                "It is not retrained over: delete that folder, or use another cache "
+                "(JDPT_CACHE=... or cache_dir=)"
+            )
+        return load_model(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise CacheError(f"{directory} is not empty but holds no {META}; delete it or use another cache")
+    check_writable(directory)
+    model, history = pretrain(world, train, progress=progress)
+    _, verdict = evaluate(model, eval_prompts(32, world), progress=progress)
+    info = {"history": history, "eval": {"n_per_category": 32, "steps": SAMPLING_STEPS, "cfg_scale": CFG_SCALE,
+                                         **verdict.summary()}}
+    if directory.exists():
+        directory.rmdir()
+    save_model(model, directory, train=train, info=info)
+    return model, read_meta(directory)
+
+

@@ -1,0 +1,128 @@
+"""The Shapes-world base model: CI's reduced pretraining learns, the cache is reused and guarded,
+and the CLI's demo and sample commands work on a cached model."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jdpt import cli
+from jdpt.world.cache import PRESETS, CacheError, base_model, load_model, model_dir, save_model
+from jdpt.world.model import WorldConfig, WorldModel
+from jdpt.world.pretrain import PretrainConfig, eval_prompts, evaluate
+
+# GenEval-lite of CI's reduced pretraining (300 steps of 32 pairs; measured 0.20 overall and
+# 0.62 on single objects with 32 prompts per category, no guidance). A random model scores 0 (checked below),
+# so these floors prove the pipeline learns while leaving room for run-to-run numerical noise.
+OVERALL_FLOOR = 0.08
+SINGLE_OBJECT_FLOOR = 0.2
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jdpt-cache")
+    model, meta = base_model("ci", cache_dir=root, progress=False)
+    return root, model, meta
+
+
+def test_ci_pretraining_learns(cached):
+    _, _, meta = cached
+    assert meta["history"]["seconds"] < 120, "CI pretraining must stay under 2 minutes"
+    losses = meta["history"]["loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    scores = meta["eval"]
+    assert scores["overall"] >= OVERALL_FLOOR, scores
+    assert scores["single_object"] >= SINGLE_OBJECT_FLOOR, scores
+
+
+def test_untrained_model_scores_zero():
+    world = PRESETS["ci"][0]
+    prompts = eval_prompts(4, world)
+    _, verdict = evaluate(WorldModel(world, rngs=nnx.Rngs(0)), prompts, steps=4, batch_size=24, progress=False)
+    assert verdict.summary()["overall"] <= 0.05
+
+
+def test_cache_is_reused_not_retrained(cached):
+    root, model, meta = cached
+    again, meta2 = base_model("ci", cache_dir=root, progress=False)
+    assert meta2["history"] == meta["history"]
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(model, nnx.Param), nnx.state(again, nnx.Param))
+    assert all(jax.tree.leaves(same))
+
+
+def test_cache_of_another_config_is_an_error(cached):
+    root, _, _ = cached
+    other = PretrainConfig(steps=301, batch_size=32, learning_rate=2e-3, warmup_steps=30)
+    with pytest.raises(CacheError, match=r"pretrain\.steps: stored 300, wanted 301.*not retrained over"):
+        base_model("ci", cache_dir=root, train=other, progress=False)
+
+
+def test_unwritable_cache_is_an_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CacheError, match="cannot write the model cache.*JDPT_CACHE"):
+        base_model("ci", cache_dir=blocker / "cache", progress=False)
+
+
+def test_folder_without_model_is_an_error(tmp_path):
+    directory = model_dir("ci", tmp_path)
+    directory.mkdir(parents=True)
+    (directory / "stray.txt").write_text("x")
+    with pytest.raises(CacheError, match="not empty but holds no world.json"):
+        base_model("ci", cache_dir=tmp_path, progress=False)
+    with pytest.raises(CacheError, match="world.json is missing"):
+        load_model(directory)
+
+
+def test_save_refuses_an_existing_folder(cached, tmp_path):
+    _, model, _ = cached
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CacheError, match="exists"):
+        save_model(model, tmp_path / "taken", train=PRESETS["ci"][1], info={})
+
+
+def test_unknown_preset_and_bad_configs():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*'ci', 'default'"):
+        base_model("huge")
+    with pytest.raises(ValueError, match="head size must be a multiple of 8"):
+        WorldConfig(width=100, heads=4)
+    with pytest.raises(ValueError, match="multiple of 2 \\* pixel_factor"):
+        WorldConfig(pixel_factor=3)
+    with pytest.raises(ValueError, match="uncond_prob"):
+        PretrainConfig(uncond_prob=1.0)
+
+
+def test_generation_is_deterministic_and_guided(cached):
+    _, model, _ = cached
+    ids = model.tokenize(["a red circle", "two squares"])
+    key = jax.random.key(3)
+    a = np.asarray(model.generate(ids, key, steps=4, cfg_scale=4.0))
+    b = np.asarray(model.generate(ids, key, steps=4, cfg_scale=4.0))
+    c = np.asarray(model.generate(ids, key, steps=4, cfg_scale=1.0))
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c).max() > 0  # guidance changes the samples
+    with pytest.raises(ValueError, match="unknown word.*vocabulary"):
+        model.tokenize(["a purple hexagon"])
+
+
+def test_cli_demo_and_sample(cached, tmp_path, capsys):
+    root, _, _ = cached
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--preset", "ci", "--cache", str(root), "--out", str(out),
+                     "--per-category", "4", "--steps", "8"]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert set(report["geneval_lite"]) == {"single_object", "two_object", "counting", "colors",
+                                           "position", "color_attr", "overall"}
+    assert (out / "grid.png").stat().st_size > 0
+    assert "overall" in capsys.readouterr().out
+    png = tmp_path / "one.png"
+    assert cli.main(["sample", "--model", str(model_dir("ci", root)), "--prompt", "a blue square",
+                     "--out", str(png), "--n", "2", "--steps", "4"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (64, 32)

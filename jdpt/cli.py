@@ -77,7 +77,7 @@ def demo(args: argparse.Namespace) -> int:
     from jdpt.data.shapes import CATEGORIES
     from jdpt.world.cache import base_model, model_dir
     from jdpt.world.figures import image_grid
-    from jdpt.world.pretrain import eval_prompts, evaluate
+    from jdpt.world.pretraining import eval_prompts, evaluate
 
     model, meta = base_model(args.preset, cache_dir=args.cache)
     print(f"base model: {model_dir(args.preset, args.cache)}"

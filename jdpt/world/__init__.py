@@ -7,7 +7,7 @@ scratch with flow matching; ``evaluate`` samples and scores it with the analytic
 
 from jdpt.world.cache import PRESETS, CacheError, base_model, cache_root, load_model, model_dir, save_model
 from jdpt.world.model import WorldConfig, WorldModel, empty_prompt
-from jdpt.world.pretrain import PretrainConfig, eval_prompts, evaluate, flow_matching_loss, pretrain
+from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate, flow_matching_loss, pretrain
 
 __all__ = [
     "PRESETS",

@@ -19,7 +19,7 @@ from typing import Any
 
 from jdpt.weights import checkpoint
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel
-from jdpt.world.pretrain import PretrainConfig
+from jdpt.world.pretraining import PretrainConfig
 
 FORMAT = "jdpt-shapes-world-1"
 META = "world.json"
@@ -125,7 +125,7 @@ def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, 
     ``world`` / ``train`` override the preset's configs; a cached model of different configs is
     an error, never retrained over.
     """
-    from jdpt.world.pretrain import eval_prompts, evaluate, pretrain
+    from jdpt.world.pretraining import eval_prompts, evaluate, pretrain
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")

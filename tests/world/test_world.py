@@ -13,7 +13,7 @@ from flax import nnx
 from jdpt import cli
 from jdpt.world.cache import PRESETS, CacheError, base_model, load_model, model_dir, save_model
 from jdpt.world.model import WorldConfig, WorldModel
-from jdpt.world.pretrain import PretrainConfig, eval_prompts, evaluate
+from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate
 
 # GenEval-lite of CI's reduced pretraining (300 steps of 32 pairs; measured 0.20 overall and
 # 0.62 on single objects with 32 prompts per category, no guidance). A random model scores 0 (checked below),

@@ -108,7 +108,6 @@ def demo(args: argparse.Namespace) -> int:
 
 def sample(args: argparse.Namespace) -> int:
     import jax
-    from flax import nnx
     from PIL import Image
 
     from jdpt.weights.files import WeightsError
@@ -128,17 +127,15 @@ def sample(args: argparse.Namespace) -> int:
                                     num_inference_steps=args.steps, guidance_scale=args.guidance)
     else:
         from jdpt.world.cache import CacheError, load_model
+        from jdpt.world.model import make_sampler
 
         try:
             model, _ = load_model(folder)
         except CacheError as e:
             raise SystemExit(f"jdpt sample: {e}; pass a Shapes-world model folder or a diffusers "
                              "Flux pipeline folder (with model_index.json)") from None
-        ids = model.tokenize([args.prompt] * args.n)
-        graphdef, state = nnx.split(model)
-        run = jax.jit(lambda s, ids, key: nnx.merge(graphdef, s).generate(ids, key, steps=args.steps,
-                                                                          cfg_scale=args.cfg))
-        images = run(state, ids, key)
+        sampler = make_sampler(model, steps=args.steps, cfg_scale=args.cfg)
+        images = sampler(model.tokenize([args.prompt] * args.n), key)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(list(np.asarray(images)), axis=1)).save(out)

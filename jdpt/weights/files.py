@@ -28,13 +28,9 @@ def resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = N
     ``subfolder`` selects a pipeline component (``"transformer"``, ``"vae"``, ``"text_encoder"``);
     ``cache_dir`` overrides the hub cache location (default ``$HF_HUB_CACHE``).
     """
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        text = str(name_or_path)
-        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-            path = from_hub_cache(text, revision, cache_dir)
-        else:
-            raise WeightsError(f"weights folder {str(path)!r} does not exist")
+    path = locate(name_or_path, revision, cache_dir)
+    if path is None:
+        raise WeightsError(f"weights folder {str(Path(name_or_path).expanduser())!r} does not exist")
     if subfolder:
         path = path / subfolder
         if not path.is_dir():
@@ -52,7 +48,19 @@ def resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = N
     return path
 
 
-def from_hub_cache(repo_id: str, revision: str | None, cache_dir) -> Path:
+def locate(name_or_path: str | os.PathLike, revision: str | None, cache_dir) -> Path | None:
+    """An existing local path, or the cached snapshot of a hub repo id (``org/name``); None when
+    ``name_or_path`` is neither an existing path nor shaped like a repo id."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    text = str(name_or_path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _from_hub_cache(text, revision, cache_dir)
+    return None
+
+
+def _from_hub_cache(repo_id: str, revision: str | None, cache_dir) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from jdpt.diffusion.schedules import flow_sigmas, flux_mu
 from jdpt.weights.diffusers import from_diffusers
-from jdpt.weights.files import WeightsError, from_hub_cache
+from jdpt.weights.files import WeightsError, locate
 
 # model_index.json entry -> the [library, class] it must name (None: any tokenizer class).
 FLUX_COMPONENTS: dict[str, tuple[str, str] | None] = {
@@ -138,16 +138,13 @@ def load_flux_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision
 
 
 def _pipeline_root(folder: str | os.PathLike, revision: str | None, cache_dir) -> Path:
-    path = Path(folder).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise WeightsError(f"{str(path)!r} is a file; pass the pipeline folder holding model_index.json")
-        return path
-    text = str(folder)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return from_hub_cache(text, revision, cache_dir)
-    raise WeightsError(f"pipeline folder {str(path)!r} does not exist; pass a local pipeline folder "
-                       "or a hub repo id (org/name) that is in the Hugging Face cache")
+    path = locate(folder, revision, cache_dir)
+    if path is None:
+        raise WeightsError(f"pipeline folder {str(Path(folder).expanduser())!r} does not exist; pass a local "
+                           "pipeline folder or a hub repo id (org/name) that is in the Hugging Face cache")
+    if not path.is_dir():
+        raise WeightsError(f"{str(path)!r} is a file; pass the pipeline folder holding model_index.json")
+    return path
 
 
 def _check_flux_index(root: Path) -> None:

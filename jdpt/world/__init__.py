@@ -6,7 +6,7 @@ scratch with flow matching; ``evaluate`` samples and scores it with the analytic
 """
 
 from jdpt.world.cache import PRESETS, CacheError, base_model, cache_root, load_model, model_dir, save_model
-from jdpt.world.model import WorldConfig, WorldModel, empty_prompt
+from jdpt.world.model import WorldConfig, WorldModel, empty_prompt, make_sampler
 from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate, flow_matching_loss, pretrain
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate",
     "flow_matching_loss",
     "load_model",
+    "make_sampler",
     "model_dir",
     "pretrain",
     "save_model",

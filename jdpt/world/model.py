@@ -152,6 +152,15 @@ class WorldModel(nnx.Module):
         return tokenize(texts, self.config.shapes, PROMPT_TOKENS)
 
 
+def make_sampler(model: WorldModel, *, steps: int = SAMPLING_STEPS, cfg_scale: float = CFG_SCALE):
+    """A jitted ``sample(input_ids [B, L], key) -> uint8 [B, H, W, 3]`` of ``model`` (its state is
+    split once and passed as a pytree, so the function compiles once per batch shape)."""
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, ids, key: nnx.merge(graphdef, state).generate(ids, key, steps=steps,
+                                                                              cfg_scale=cfg_scale))
+    return lambda input_ids, key: run(state, input_ids, key)
+
+
 def empty_prompt(length: int = PROMPT_TOKENS) -> np.ndarray:
     """Token ids ``[length]`` of the empty prompt (BOS, EOS, padding): the unconditional input."""
     ids = np.full((length,), PAD_ID, np.int32)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from jdpt.data.shapes import CATEGORIES, Prompt, as_rng, sample_pairs, sample_prompts
 from jdpt.models.flux import pack_latents
 from jdpt.rewards.verifier import Verdict, verify
-from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel, empty_prompt
+from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel, empty_prompt, make_sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +146,7 @@ def eval_prompts(n_per_category: int, world: WorldConfig, seed: int = 2024) -> l
 def evaluate(model: WorldModel, prompts: list[Prompt], *, seed: int = 0, steps: int = SAMPLING_STEPS,
              cfg_scale: float = CFG_SCALE, batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, Verdict]:
     """Sample one image per prompt and score it with the verifier (GenEval-lite)."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sample(state, ids, key):
-        return nnx.merge(graphdef, state).generate(ids, key, steps=steps, cfg_scale=cfg_scale)
-
+    sample = make_sampler(model, steps=steps, cfg_scale=cfg_scale)
     key = jax.random.key(seed)
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="sample", unit="batch", disable=not progress):
@@ -159,7 +154,7 @@ def evaluate(model: WorldModel, prompts: list[Prompt], *, seed: int = 0, steps: 
         ids = model.tokenize([p.text for p in chunk])
         pad = batch_size - len(ids)  # one compiled shape for every chunk
         ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
-        chunks.append(np.asarray(sample(state, ids, jax.random.fold_in(key, i)))[: len(chunk)])
+        chunks.append(np.asarray(sample(ids, jax.random.fold_in(key, i)))[: len(chunk)])
     images = np.concatenate(chunks)
     return images, verify(images, prompts, model.config.shapes)
 

@@ -192,6 +192,16 @@ class CombinedTimestepEmbedding(nnx.Module):
             emb = emb + self.guidance_embedder(proj(guidance))
         return emb + self.text_embedder(pooled)
 
+    def embed_unit_time(self, timestep, guidance, pooled):
+        """``[B, D]`` embedding of flow timesteps in [0, 1] and guidance scales (``[B]`` or scalars,
+        ``guidance`` may be None), both multiplied by 1000 as in diffusers' Flux models."""
+        b = pooled.shape[0]
+        # Timesteps stay fp32 in bf16 runs: t * 1000 in bf16 would be off by up to 2 steps.
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,)) * 1000
+        if guidance is not None:
+            guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,)) * 1000
+        return self(timestep, guidance, pooled)
+
 
 class FluxTransformer(nnx.Module):
     """Flux MMDiT: ``num_layers`` double-stream then ``num_single_layers`` single-stream blocks."""
@@ -245,22 +255,25 @@ class FluxTransformer(nnx.Module):
             timestep: ``[B]`` (or scalar) in [0, 1]; multiplied by 1000 as in diffusers.
             img_ids: ``[S_img, n_axes]``; txt_ids: ``[S_txt, n_axes]`` RoPE positions.
             guidance: ``[B]`` (or scalar) guidance scale, required iff ``guidance_embeds``.
-            controlnet_block_samples / controlnet_single_block_samples: residuals added to the
-                image stream after each double / single block (diffusers' ControlNet interface).
+            controlnet_block_samples / controlnet_single_block_samples: ControlNet residuals, each
+                ``[B, S_img, inner_dim]`` (see ``jdpt.models.flux_controlnet``), at most one per
+                block. Block ``i`` of ``N`` double (single) blocks adds sample
+                ``i // ceil(N / n_samples)`` to its image output, as diffusers.
+            controlnet_blocks_repeat: double block ``i`` adds sample ``i % n_samples`` instead
+                (XLabs ControlNets).
             plans: attention plans by layer name (see ``jdpt.models.attention``).
 
         Returns:
             ``[B, S_img, patch_size**2 * out_channels]``.
         """
         cfg = self.config
-        self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance)
-        b = hidden_states.shape[0]
+        check_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance)
+        _check_samples("controlnet_block_samples", controlnet_block_samples, len(self.transformer_blocks),
+                       (*hidden_states.shape[:2], cfg.inner_dim))
+        _check_samples("controlnet_single_block_samples", controlnet_single_block_samples,
+                       len(self.single_transformer_blocks), (*hidden_states.shape[:2], cfg.inner_dim))
         x = self.x_embedder(hidden_states)
-        # Timesteps stay fp32 in bf16 runs: t * 1000 in bf16 would be off by up to 2 steps.
-        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,)) * 1000
-        if guidance is not None:
-            guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,)) * 1000
-        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        temb = self.time_text_embed.embed_unit_time(timestep, guidance, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
         ids = jnp.concatenate([txt_ids, img_ids], axis=0)
         rope = rope_frequencies(ids, cfg.axes_dims_rope, theta=10000.0)
@@ -279,37 +292,56 @@ class FluxTransformer(nnx.Module):
 
         return self.proj_out(self.norm_out(x, temb))
 
-    def _check_inputs(self, x, context, pooled, img_ids, txt_ids, guidance) -> None:
-        cfg = self.config
-        n_axes = len(cfg.axes_dims_rope)
-        if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+
+def check_inputs(cfg, x, context, pooled, img_ids, txt_ids, guidance) -> None:
+    """Validate the inputs of a Flux model (transformer or ControlNet) against its config ``cfg``."""
+    n_axes = len(cfg.axes_dims_rope)
+    if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+        raise ValueError(
+            f"hidden_states must be packed latent tokens [B, S_img, in_channels={cfg.in_channels}]; "
+            f"got shape {tuple(x.shape)}. Pack [B, H, W, C] latents into 2x2 patches first."
+        )
+    b = x.shape[0]
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.joint_attention_dim:
+        raise ValueError(
+            f"encoder_hidden_states must be [B={b}, S_txt, joint_attention_dim="
+            f"{cfg.joint_attention_dim}]; got {tuple(context.shape)}"
+        )
+    if pooled.shape != (b, cfg.pooled_projection_dim):
+        raise ValueError(
+            f"pooled_projections must be [B={b}, pooled_projection_dim={cfg.pooled_projection_dim}]; "
+            f"got {tuple(pooled.shape)}"
+        )
+    for name, ids, n in (("img_ids", img_ids, x.shape[1]), ("txt_ids", txt_ids, context.shape[1])):
+        if ids.shape != (n, n_axes):
             raise ValueError(
-                f"hidden_states must be packed latent tokens [B, S_img, in_channels={cfg.in_channels}]; "
-                f"got shape {tuple(x.shape)}. Pack [B, H, W, C] latents into 2x2 patches first."
+                f"{name} must be [{n}, {n_axes}] (one row of {n_axes} RoPE positions per token, "
+                f"no batch axis); got {tuple(ids.shape)}"
             )
-        b = x.shape[0]
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.joint_attention_dim:
+    if cfg.guidance_embeds and guidance is None:
+        raise ValueError("this Flux model embeds guidance (guidance_embeds=True): pass guidance=[B] scales")
+    if not cfg.guidance_embeds and guidance is not None:
+        raise ValueError(
+            "this Flux model has no guidance embedding (guidance_embeds=False): pass guidance=None "
+            "and use classifier-free guidance instead"
+        )
+
+
+def _check_samples(name: str, samples, n_blocks: int, shape: tuple[int, ...]) -> None:
+    """ControlNet residuals: 1..n_blocks arrays of the image stream's shape ``[B, S_img, D]``."""
+    if samples is None:
+        return
+    if not 1 <= len(samples) <= n_blocks:
+        raise ValueError(
+            f"{name} holds {len(samples)} residuals for {n_blocks} blocks; pass at least one and at "
+            "most one per block (a ControlNet with no more blocks than the transformer), or None"
+        )
+    for i, s in enumerate(samples):
+        if tuple(s.shape) != shape:
             raise ValueError(
-                f"encoder_hidden_states must be [B={b}, S_txt, joint_attention_dim="
-                f"{cfg.joint_attention_dim}]; got {tuple(context.shape)}"
-            )
-        if pooled.shape != (b, cfg.pooled_projection_dim):
-            raise ValueError(
-                f"pooled_projections must be [B={b}, pooled_projection_dim={cfg.pooled_projection_dim}]; "
-                f"got {tuple(pooled.shape)}"
-            )
-        for name, ids, n in (("img_ids", img_ids, x.shape[1]), ("txt_ids", txt_ids, context.shape[1])):
-            if ids.shape != (n, n_axes):
-                raise ValueError(
-                    f"{name} must be [{n}, {n_axes}] (one row of {n_axes} RoPE positions per token, "
-                    f"no batch axis); got {tuple(ids.shape)}"
-                )
-        if cfg.guidance_embeds and guidance is None:
-            raise ValueError("this Flux model embeds guidance (guidance_embeds=True): pass guidance=[B] scales")
-        if not cfg.guidance_embeds and guidance is not None:
-            raise ValueError(
-                "this Flux model has no guidance embedding (guidance_embeds=False): pass guidance=None "
-                "and use classifier-free guidance instead"
+                f"{name}[{i}] has shape {tuple(s.shape)}; residuals are added to the image tokens "
+                f"and must be [B, S_img, inner_dim] = {list(shape)}: the ControlNet must share the "
+                "transformer's width and get the same hidden_states"
             )
 
 

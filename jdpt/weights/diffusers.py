@@ -41,6 +41,10 @@ MODEL_CLASSES: dict[str, str] = {
     "CLIPTextModel": "jdpt.models.clip:CLIPTextModel",
     "CLIPTextModelWithProjection": "jdpt.models.clip:CLIPTextModelWithProjection",
     "T5EncoderModel": "jdpt.models.t5:T5EncoderModel",
+    "UNet2DConditionModel": "jdpt.models.unet:UNet2DConditionModel",
+    "SD3Transformer2DModel": "jdpt.models.sd3:SD3Transformer",
+    "ControlNetModel": "jdpt.models.controlnet:ControlNetModel",
+    "FluxControlNetModel": "jdpt.models.flux_controlnet:FluxControlNetModel",
 }
 
 

@@ -1,6 +1,6 @@
 """jdpt: post-training for diffusion and flow-matching image models in JAX/Flax."""
 
-from jdpt import data, diffusion, models, rewards, weights, world
+from jdpt import data, diffusion, models, parallel, rewards, weights, world
 from jdpt.models import from_diffusers
 from jdpt.models.attention import AttentionPlan, LayerPlans, attention, plan_layers
 
@@ -14,6 +14,7 @@ __all__ = [
     "diffusion",
     "from_diffusers",
     "models",
+    "parallel",
     "plan_layers",
     "rewards",
     "weights",

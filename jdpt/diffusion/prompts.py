@@ -48,21 +48,24 @@ MAX_SEQUENCE_LENGTH = 512  # the longest T5 sequence FluxPipeline accepts
 
 
 def tokenize_flux_prompt(prompts: str | Sequence[str], *, clip_tokenizer: Any, t5_tokenizer: Any,
-                         max_sequence_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                         max_sequence_length: int = 512,
+                         prompts_2: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids as ``FluxPipeline`` makes them (padded to full length, truncated, no mask).
+
+    ``prompts`` go to CLIP and ``prompts_2`` (default: the same prompts) to T5, as diffusers'
+    ``prompt`` / ``prompt_2``; one string is used for every prompt.
 
     Returns:
         ``clip_ids [B, clip_tokenizer.model_max_length]`` and ``t5_ids [B, max_sequence_length]``,
         int32. Prompts longer than that are truncated, with a logged warning (as diffusers does).
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a string or a non-empty list of strings; got {prompts!r}")
+    prompts = _prompt_list(prompts, "prompts")
+    prompts_2 = prompts if prompts_2 is None else _batch_of(prompts_2, len(prompts), "prompts_2")
     if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
         raise ValueError(f"max_sequence_length={max_sequence_length} must be in [1, "
                          f"{MAX_SEQUENCE_LENGTH}] (the T5 length Flux was trained with; 256 for schnell)")
     clip_ids = _token_ids(clip_tokenizer, prompts, clip_tokenizer.model_max_length, "CLIP")
-    t5_ids = _token_ids(t5_tokenizer, prompts, max_sequence_length, "T5")
+    t5_ids = _token_ids(t5_tokenizer, prompts_2, max_sequence_length, "T5")
     return clip_ids, t5_ids
 
 
@@ -83,15 +86,17 @@ def embed_flux_tokens(clip, t5, clip_ids: jax.Array, t5_ids: jax.Array) -> tuple
 
 
 def encode_flux_prompt(prompts: str | Sequence[str], *, clip, clip_tokenizer: Any, t5,
-                       t5_tokenizer: Any, max_sequence_length: int = 512) -> tuple[jax.Array, jax.Array]:
-    """Prompts -> Flux conditioning, as diffusers' ``FluxPipeline.encode_prompt(prompt)``.
+                       t5_tokenizer: Any, max_sequence_length: int = 512,
+                       prompts_2: str | Sequence[str] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Prompts -> Flux conditioning, as diffusers' ``FluxPipeline.encode_prompt(prompt, prompt_2)``.
 
     Args:
-        prompts: one prompt or ``B`` prompts.
+        prompts: one prompt or ``B`` prompts (CLIP's; and T5's unless ``prompts_2`` is given).
         clip: ``jdpt.models.clip.CLIPTextModel``; ``clip_tokenizer`` its tokenizer, whose
             ``model_max_length`` (77) must fit ``clip.config.max_position_embeddings``.
         t5: ``jdpt.models.t5.T5EncoderModel``; ``t5_tokenizer`` its tokenizer.
         max_sequence_length: T5 tokens, at most 512 (Flux.1-dev 512, schnell 256).
+        prompts_2: the T5 prompts (diffusers' ``prompt_2``), one string or ``B``.
 
     Returns:
         ``prompt_embeds [B, max_sequence_length, d_model]`` and ``pooled [B, hidden_size]`` in
@@ -105,24 +110,33 @@ def encode_flux_prompt(prompts: str | Sequence[str], *, clip, clip_tokenizer: An
         )
     clip_ids, t5_ids = tokenize_flux_prompt(prompts, clip_tokenizer=clip_tokenizer,
                                             t5_tokenizer=t5_tokenizer,
-                                            max_sequence_length=max_sequence_length)
+                                            max_sequence_length=max_sequence_length, prompts_2=prompts_2)
     return embed_flux_tokens(clip, t5, clip_ids, t5_ids)
 
 
 def flux_text_to_image(parts: FluxPipelineParts, prompts: str | Sequence[str], *,
                        key: jax.Array | None = None, latents: jax.Array | None = None,
                        height: int = 1024, width: int = 1024, num_inference_steps: int = 28,
-                       guidance_scale: float = 3.5, max_sequence_length: int = 512) -> jax.Array:
+                       guidance_scale: float = 3.5, max_sequence_length: int = 512,
+                       prompts_2: str | Sequence[str] | None = None,
+                       negative_prompts: str | Sequence[str] | None = None,
+                       negative_prompts_2: str | Sequence[str] | None = None,
+                       true_cfg_scale: float = 1.0) -> jax.Array:
     """Sample images for text prompts, as diffusers' ``FluxPipeline(prompt, ...)``.
 
     Args:
         parts: a loaded pipeline (``jdpt.weights.pipelines.load_flux_pipeline``).
-        prompts: one prompt or ``B`` prompts.
+        prompts: one prompt or ``B`` prompts; ``prompts_2`` the T5 prompts (default: the same).
         key: PRNG key for the initial noise, or ``latents``: the packed noise
             ``[B, (H/16) * (W/16), in_channels]`` (diffusers' ``latents=``).
         height, width: image size, multiples of 16.
         guidance_scale: embedded guidance (only guidance-distilled models, e.g. Flux.1-dev).
         max_sequence_length: T5 tokens, at most 512.
+        negative_prompts, negative_prompts_2: the negative prompt (one string or ``B``) for
+            classifier-free guidance; ``negative_prompts_2`` defaults to ``negative_prompts``.
+        true_cfg_scale: with ``> 1``, every step uses ``v_neg + true_cfg_scale * (v - v_neg)``
+            (diffusers' "true CFG"); it needs ``negative_prompts`` (an error otherwise, where
+            diffusers would silently sample without guidance).
 
     Returns:
         ``[B, height, width, 3]`` uint8 images. The sigma schedule follows the folder's
@@ -132,14 +146,29 @@ def flux_text_to_image(parts: FluxPipelineParts, prompts: str | Sequence[str], *
     if height % factor or width % factor:
         raise ValueError(f"height={height} and width={width} must be multiples of {factor} "
                          "(the VAE's downsampling times Flux's 2x2 packing)")
-    encoded = encode_flux_prompt(prompts, clip=parts.clip, clip_tokenizer=parts.clip_tokenizer,
-                                 t5=parts.t5, t5_tokenizer=parts.t5_tokenizer,
-                                 max_sequence_length=max_sequence_length)
+    if true_cfg_scale > 1 and negative_prompts is None:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs negative_prompts (use \"\" for the "
+                         "unconditional prompt), or leave true_cfg_scale at 1")
+    if negative_prompts is not None and true_cfg_scale <= 1:
+        raise ValueError("negative_prompts are used only with true_cfg_scale > 1; set true_cfg_scale "
+                         "(e.g. 4.0) or drop the negative prompts")
+    kw = dict(clip=parts.clip, clip_tokenizer=parts.clip_tokenizer, t5=parts.t5,
+              t5_tokenizer=parts.t5_tokenizer, max_sequence_length=max_sequence_length)
+    encoded = encode_flux_prompt(prompts, prompts_2=prompts_2, **kw)
+    negative = {}
+    if true_cfg_scale > 1:
+        batch = encoded[0].shape[0]
+        negative_prompts = _batch_of(negative_prompts, batch, "negative_prompts")
+        if negative_prompts_2 is not None:
+            negative_prompts_2 = _batch_of(negative_prompts_2, batch, "negative_prompts_2")
+        neg_embeds, neg_pooled = encode_flux_prompt(negative_prompts, prompts_2=negative_prompts_2, **kw)
+        negative = dict(negative_prompt_embeds=neg_embeds, negative_pooled_prompt_embeds=neg_pooled,
+                        true_cfg_scale=true_cfg_scale)
     lh, lw = flux_latent_size(parts.vae, height, width)
     sigmas = parts.scheduler.sigmas(num_inference_steps, (lh // 2) * (lw // 2))
     return _generate(parts.transformer, parts.vae, *encoded, key=key, latents=latents,
                      height=height, width=width, num_inference_steps=num_inference_steps,
-                     guidance_scale=guidance_scale, sigmas=sigmas)
+                     guidance_scale=guidance_scale, sigmas=sigmas, **negative)
 
 
 _generate = jax.jit(flux_generate, static_argnames=("height", "width", "num_inference_steps",

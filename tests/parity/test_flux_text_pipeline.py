@@ -137,6 +137,32 @@ def test_text_to_image_matches_diffusers(saved_pipeline, parts):
         flux_text_to_image(parts, PROMPTS, latents=noise, height=18, width=width)
 
 
+def test_true_cfg_and_second_prompts_match_diffusers(saved_pipeline, parts):
+    """prompt_2 (T5), negative prompts and true CFG as diffusers' FluxPipeline."""
+    pipe, _ = saved_pipeline
+    torch = torch_module()
+    noise = np.random.default_rng(1).normal(size=(2, 4, FLUX["in_channels"])).astype(np.float32)
+    kw = dict(height=8, width=8, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=MAX_LEN)
+    ref = pipe(prompt=PROMPTS, prompt_2=["blue moon", "red dog"], negative_prompt="a cat",
+               negative_prompt_2=["the dog", "blue"], true_cfg_scale=2.5,
+               latents=torch.from_numpy(noise), output_type="np", **kw).images
+    images = np.asarray(flux_text_to_image(
+        parts, PROMPTS, prompts_2=["blue moon", "red dog"], negative_prompts="a cat",
+        negative_prompts_2=["the dog", "blue"], true_cfg_scale=2.5, latents=noise, **kw))
+    diff = np.abs(images.astype(int) - (ref * 255).round().astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}"
+    plain = np.asarray(flux_text_to_image(parts, PROMPTS, prompts_2=["blue moon", "red dog"],
+                                          latents=noise, **kw))
+    assert np.abs(plain.astype(int) - images).max() > 8, "true CFG must change the images"
+    with pytest.raises(ValueError, match=r"true_cfg_scale=2.0 needs negative_prompts"):
+        flux_text_to_image(parts, PROMPTS, latents=noise, true_cfg_scale=2.0, **kw)
+    with pytest.raises(ValueError, match=r"negative_prompts are used only with true_cfg_scale > 1"):
+        flux_text_to_image(parts, PROMPTS, latents=noise, negative_prompts="x", **kw)
+    with pytest.raises(ValueError, match=r"negative_prompts_2 has 3 prompts but prompts has 2"):
+        flux_text_to_image(parts, PROMPTS, latents=noise, negative_prompts="x",
+                           negative_prompts_2=["a", "b", "c"], true_cfg_scale=2.0, **kw)
+
+
 def test_loads_hub_repo_id_from_cache(saved_pipeline, tmp_path):
     """A repo id resolves from the local Hugging Face cache (a snapshot folder), offline."""
     commit = "0123456789abcdef0123456789abcdef01234567"

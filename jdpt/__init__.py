@@ -1,6 +1,6 @@
 """jdpt: post-training for diffusion and flow-matching image models in JAX/Flax."""
 
-from jdpt import data, diffusion, models, parallel, rewards, weights, world
+from jdpt import data, diffusion, models, parallel, rewards, train, weights, world
 from jdpt.models import from_diffusers
 from jdpt.models.attention import AttentionPlan, LayerPlans, attention, plan_layers
 
@@ -17,6 +17,7 @@ __all__ = [
     "parallel",
     "plan_layers",
     "rewards",
+    "train",
     "weights",
     "world",
 ]

@@ -1,4 +1,5 @@
-"""A folder written by diffusers/transformers -> jdpt -> Orbax -> restore: identical arrays."""
+"""A folder written by diffusers/transformers -> jdpt -> Orbax -> restore: identical arrays, for every
+ported model class."""
 
 from __future__ import annotations
 
@@ -12,15 +13,27 @@ from tests.reference import torch_module
 
 def _torch_models():
     torch_module()
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import (AutoencoderKL, ControlNetModel, FluxControlNetModel, FluxTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                           num_attention_heads=2, max_position_embeddings=12, projection_dim=8)
+    flux = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=12, pooled_projection_dim=6, axes_dims_rope=(2, 2, 4))
+    unet = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+                attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"))
     return {
-        "FluxTransformer2DModel": lambda: FluxTransformer2DModel(
-            in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=12, pooled_projection_dim=6, axes_dims_rope=(2, 2, 4)),
+        "FluxTransformer2DModel": lambda: FluxTransformer2DModel(**flux),
+        "FluxControlNetModel": lambda: FluxControlNetModel(**flux),
+        "UNet2DConditionModel": lambda: UNet2DConditionModel(
+            **unet, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
+        "ControlNetModel": lambda: ControlNetModel(**unet, conditioning_embedding_out_channels=(4, 8)),
+        "SD3Transformer2DModel": lambda: SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+            pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8, qk_norm="rms_norm",
+            dual_attention_layers=(0,)),
         "AutoencoderKL": lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4,
                                                down_block_types=("DownEncoderBlock2D",) * 2,
                                                up_block_types=("UpDecoderBlock2D",) * 2),
@@ -32,8 +45,9 @@ def _torch_models():
     }
 
 
-@pytest.mark.parametrize("name", ["FluxTransformer2DModel", "AutoencoderKL", "CLIPTextModel",
-                                  "CLIPTextModelWithProjection", "T5EncoderModel"])
+@pytest.mark.parametrize("name", ["FluxTransformer2DModel", "FluxControlNetModel", "UNet2DConditionModel",
+                                  "ControlNetModel", "SD3Transformer2DModel", "AutoencoderKL",
+                                  "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"])
 def test_reference_folder_to_orbax_and_back(name, tmp_path):
     torch = torch_module()
     torch.manual_seed(0)

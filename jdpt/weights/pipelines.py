@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from flax import nnx
@@ -41,12 +41,18 @@ _UNSUPPORTED_SCHEDULER_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_ex
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxScheduler:
-    """The ``FlowMatchEulerDiscreteScheduler`` settings the Flux pipeline samples with.
-
-    Flux.1-dev uses dynamic (resolution-dependent) shifting; Flux.1-schnell a static ``shift=1``.
+class FlowMatchScheduler:
+    """``FlowMatchEulerDiscreteScheduler`` settings (static ``shift`` or dynamic, resolution-dependent
+    shifting from ``base_shift`` to ``max_shift``). Subclasses name the pipeline whose sigma grid
+    they reproduce: :class:`FluxScheduler`, ``jdpt.weights.sd_pipelines.SD3Scheduler``.
     """
 
+    pipeline: ClassVar[str] = "flow-matching"
+    # True: the scheduler's own grid over num_train_timesteps levels (SD3); False: the
+    # linspace(1, 1/N, N) sigmas the Flux pipeline passes in (see flow_sigmas).
+    train_grid: ClassVar[bool] = False
+
+    num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = False
     base_shift: float = 0.5
@@ -55,27 +61,35 @@ class FluxScheduler:
     max_image_seq_len: int = 4096
 
     @classmethod
-    def from_config(cls, raw: dict[str, Any], *, source: str = "scheduler_config.json") -> FluxScheduler:
+    def from_config(cls, raw: dict[str, Any], *, source: str = "scheduler_config.json") -> Self:
         """From a diffusers ``scheduler_config.json`` dict; options jdpt does not implement raise."""
         for key in _UNSUPPORTED_SCHEDULER_OPTIONS:
             if raw.get(key):
-                raise WeightsError(f"{source}: {key}={raw[key]!r} is not implemented by jdpt's Flux "
+                raise WeightsError(f"{source}: {key}={raw[key]!r} is not implemented by jdpt's {cls.pipeline} "
                                    "sampler; unset it (diffusers' default) or sample with diffusers")
         if raw.get("time_shift_type", "exponential") != "exponential":
             raise WeightsError(f"{source}: time_shift_type={raw['time_shift_type']!r} is not implemented "
-                               "by jdpt's Flux sampler; use 'exponential' (diffusers' default)")
+                               f"by jdpt's {cls.pipeline} sampler; use 'exponential' (diffusers' default)")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
     def sigmas(self, num_inference_steps: int, image_seq_len: int) -> np.ndarray:
-        """``[num_inference_steps + 1]`` fp32 noise levels, as ``FluxPipeline.__call__`` sets
-        them for ``image_seq_len`` packed latent tokens (the last one 0)."""
+        """``[num_inference_steps + 1]`` fp32 noise levels, as the pipeline sets them for
+        ``image_seq_len`` latent tokens (the last one 0)."""
+        mu = None
         if self.use_dynamic_shifting:
             mu = flux_mu(image_seq_len, base_seq_len=self.base_image_seq_len,
                          max_seq_len=self.max_image_seq_len, base_shift=self.base_shift,
                          max_shift=self.max_shift)
-            return flow_sigmas(num_inference_steps, mu=mu)
-        return flow_sigmas(num_inference_steps, shift=self.shift)
+        return flow_sigmas(num_inference_steps, shift=self.shift, mu=mu,
+                           num_train_timesteps=self.num_train_timesteps if self.train_grid else None)
+
+
+class FluxScheduler(FlowMatchScheduler):
+    """The scheduler settings the Flux pipeline samples with. Flux.1-dev uses dynamic shifting;
+    Flux.1-schnell a static ``shift=1``."""
+
+    pipeline = "Flux"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

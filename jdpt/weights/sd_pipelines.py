@@ -24,14 +24,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from transformers import AutoTokenizer
 
-from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas, flux_mu
+from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.weights.diffusers import from_diffusers
 from jdpt.weights.files import WeightsError
-from jdpt.weights.pipelines import _UNSUPPORTED_SCHEDULER_OPTIONS, _pipeline_root
+from jdpt.weights.pipelines import FlowMatchScheduler, _pipeline_root
 
 # Schedulers of SD/SDXL folders whose config jdpt turns into a DDIM schedule.
 DDIM_CONVERTIBLE = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler")
@@ -87,8 +86,7 @@ def ddim_schedule(raw: dict[str, Any], *, source: str = "scheduler_config.json")
         raise WeightsError(f"{source}: {e}") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class SD3Scheduler:
+class SD3Scheduler(FlowMatchScheduler):
     """The ``FlowMatchEulerDiscreteScheduler`` settings the SD3 pipeline samples with.
 
     SD3 and SD3.5 use a static ``shift=3.0`` over the scheduler's own grid of
@@ -96,37 +94,8 @@ class SD3Scheduler:
     of latent patches as in Flux (``base_shift`` .. ``max_shift``).
     """
 
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
-    use_dynamic_shifting: bool = False
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-
-    @classmethod
-    def from_config(cls, raw: dict[str, Any], *, source: str = "scheduler_config.json") -> SD3Scheduler:
-        """From a diffusers ``scheduler_config.json`` dict; options jdpt does not implement raise."""
-        for key in _UNSUPPORTED_SCHEDULER_OPTIONS:
-            if raw.get(key):
-                raise WeightsError(f"{source}: {key}={raw[key]!r} is not implemented by jdpt's SD3 "
-                                   "sampler; unset it (diffusers' default) or sample with diffusers")
-        if raw.get("time_shift_type", "exponential") != "exponential":
-            raise WeightsError(f"{source}: time_shift_type={raw['time_shift_type']!r} is not "
-                               "implemented by jdpt's SD3 sampler; use 'exponential' (diffusers' default)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
-    def sigmas(self, num_inference_steps: int, image_seq_len: int) -> np.ndarray:
-        """``[num_inference_steps + 1]`` fp32 noise levels, as ``StableDiffusion3Pipeline`` sets
-        them for ``image_seq_len`` latent patches (the last one 0)."""
-        mu = None
-        if self.use_dynamic_shifting:
-            mu = flux_mu(image_seq_len, base_seq_len=self.base_image_seq_len,
-                         max_seq_len=self.max_image_seq_len, base_shift=self.base_shift,
-                         max_shift=self.max_shift)
-        return flow_sigmas(num_inference_steps, shift=self.shift, mu=mu,
-                           num_train_timesteps=self.num_train_timesteps)
+    pipeline = "SD3"
+    train_grid = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -203,6 +203,28 @@ class CombinedTimestepEmbedding(nnx.Module):
         return self(timestep, guidance, pooled)
 
 
+def build_trunk(module: nnx.Module, config, *, rngs: nnx.Rngs, param_dtype) -> None:
+    """Give ``module`` the parts diffusers' ``FluxTransformer2DModel`` and ``FluxControlNetModel``
+    share, under their reference names: ``time_text_embed``, ``context_embedder``,
+    ``x_embedder``, ``transformer_blocks`` and ``single_transformer_blocks``."""
+    dim = config.inner_dim
+    kw = dict(rngs=rngs, param_dtype=param_dtype)
+    heads, head_dim = config.num_attention_heads, config.attention_head_dim
+    module.time_text_embed = CombinedTimestepEmbedding(
+        dim, config.pooled_projection_dim, guidance=config.guidance_embeds, **kw
+    )
+    module.context_embedder = dense(config.joint_attention_dim, dim, (None, "embed"), **kw)
+    module.x_embedder = dense(config.in_channels, dim, (None, "embed"), **kw)
+    module.transformer_blocks = nnx.List([
+        FluxTransformerBlock(dim, heads, head_dim, name=f"transformer_blocks.{i}", **kw)
+        for i in range(config.num_layers)
+    ])
+    module.single_transformer_blocks = nnx.List([
+        FluxSingleTransformerBlock(dim, heads, head_dim, name=f"single_transformer_blocks.{i}", **kw)
+        for i in range(config.num_single_layers)
+    ])
+
+
 class FluxTransformer(nnx.Module):
     """Flux MMDiT: ``num_layers`` double-stream then ``num_single_layers`` single-stream blocks."""
 
@@ -213,20 +235,7 @@ class FluxTransformer(nnx.Module):
         self.config = config
         dim = config.inner_dim
         kw = dict(rngs=rngs, param_dtype=param_dtype)
-        heads, head_dim = config.num_attention_heads, config.attention_head_dim
-        self.time_text_embed = CombinedTimestepEmbedding(
-            dim, config.pooled_projection_dim, guidance=config.guidance_embeds, **kw
-        )
-        self.context_embedder = dense(config.joint_attention_dim, dim, (None, "embed"), **kw)
-        self.x_embedder = dense(config.in_channels, dim, (None, "embed"), **kw)
-        self.transformer_blocks = nnx.List([
-            FluxTransformerBlock(dim, heads, head_dim, name=f"transformer_blocks.{i}", **kw)
-            for i in range(config.num_layers)
-        ])
-        self.single_transformer_blocks = nnx.List([
-            FluxSingleTransformerBlock(dim, heads, head_dim, name=f"single_transformer_blocks.{i}", **kw)
-            for i in range(config.num_single_layers)
-        ])
+        build_trunk(self, config, **kw)
         self.norm_out = AdaLayerNormContinuous(dim, dim, eps=1e-6, affine=False, **kw)
         out_channels = config.out_channels or config.in_channels
         self.proj_out = dense(dim, config.patch_size**2 * out_channels, ("embed", None), **kw)

@@ -22,15 +22,7 @@ from flax import nnx
 
 from jdpt.models.config import ModelConfig
 from jdpt.models.embeddings import rope_frequencies
-from jdpt.models.flux import (
-    CombinedTimestepEmbedding,
-    FluxConfig,
-    FluxSingleTransformerBlock,
-    FluxTransformer,
-    FluxTransformerBlock,
-    Plans,
-    check_inputs,
-)
+from jdpt.models.flux import FluxConfig, FluxTransformer, Plans, build_trunk, check_inputs
 from jdpt.models.layers import dense, embed
 
 
@@ -90,20 +82,7 @@ class FluxControlNetModel(nnx.Module):
         self.config = config
         dim = config.inner_dim
         kw = dict(rngs=rngs, param_dtype=param_dtype)
-        heads, head_dim = config.num_attention_heads, config.attention_head_dim
-        self.time_text_embed = CombinedTimestepEmbedding(
-            dim, config.pooled_projection_dim, guidance=config.guidance_embeds, **kw
-        )
-        self.context_embedder = dense(config.joint_attention_dim, dim, (None, "embed"), **kw)
-        self.x_embedder = dense(config.in_channels, dim, (None, "embed"), **kw)
-        self.transformer_blocks = nnx.List([
-            FluxTransformerBlock(dim, heads, head_dim, name=f"transformer_blocks.{i}", **kw)
-            for i in range(config.num_layers)
-        ])
-        self.single_transformer_blocks = nnx.List([
-            FluxSingleTransformerBlock(dim, heads, head_dim, name=f"single_transformer_blocks.{i}", **kw)
-            for i in range(config.num_single_layers)
-        ])
+        build_trunk(self, config, **kw)
         self.controlnet_blocks = nnx.List([_zero_dense(dim, dim, **kw) for _ in range(config.num_layers)])
         self.controlnet_single_blocks = nnx.List(
             [_zero_dense(dim, dim, **kw) for _ in range(config.num_single_layers)]

@@ -4,7 +4,8 @@
 Shapes-world base model, sample a fixed prompt set covering GenEval's six categories, score every
 image with the analytic verifier, and write ``grid.png`` and ``scores.json``.
 
-``jdpt sample``: images for a prompt from a Shapes-world model folder.
+``jdpt sample``: images for a prompt from a Shapes-world model folder or a diffusers pipeline folder
+(Flux, SD 1.x/2.x, SDXL, SD3; dispatched on ``model_index.json``).
 
 ``jdpt smoke``: the end-to-end smoke run - write a random tiny Flux transformer and VAE as
 diffusers folders, load them back with ``jdpt.from_diffusers``, sample with the flow Euler ODE
@@ -115,16 +116,11 @@ def sample(args: argparse.Namespace) -> int:
     folder = Path(args.model).expanduser()
     key = jax.random.key(args.seed)
     if (folder / "model_index.json").is_file() or not folder.exists():
-        # a diffusers pipeline folder (or a hub-cache repo id): Flux with its own text encoders
-        from jdpt.diffusion.prompts import flux_text_to_image
-        from jdpt.weights.pipelines import load_flux_pipeline
-
+        # a diffusers pipeline folder (or a hub-cache repo id), sampled with its own text encoders
         try:
-            parts = load_flux_pipeline(args.model)
+            images = _sample_pipeline(args, key)
         except WeightsError as e:
             raise SystemExit(f"jdpt sample: {e}") from None
-        images = flux_text_to_image(parts, [args.prompt] * args.n, key=key, height=args.size, width=args.size,
-                                    num_inference_steps=args.steps, guidance_scale=args.guidance)
     else:
         from jdpt.world.cache import CacheError, load_model
         from jdpt.world.model import make_sampler
@@ -133,7 +129,7 @@ def sample(args: argparse.Namespace) -> int:
             model, _ = load_model(folder)
         except CacheError as e:
             raise SystemExit(f"jdpt sample: {e}; pass a Shapes-world model folder or a diffusers "
-                             "Flux pipeline folder (with model_index.json)") from None
+                             "pipeline folder (with model_index.json)") from None
         sampler = make_sampler(model, steps=args.steps, cfg_scale=args.cfg)
         images = sampler(model.tokenize([args.prompt] * args.n), key)
     out = Path(args.out)
@@ -141,6 +137,31 @@ def sample(args: argparse.Namespace) -> int:
     Image.fromarray(np.concatenate(list(np.asarray(images)), axis=1)).save(out)
     print(f"wrote {out} ({args.n} samples of {args.prompt!r})")
     return 0
+
+
+def _sample_pipeline(args: argparse.Namespace, key):
+    """Images from a diffusers pipeline folder, dispatched on its ``model_index.json`` class."""
+    from jdpt.diffusion import prompts as flux
+    from jdpt.diffusion import sd_pipeline as sd
+    from jdpt.weights import pipelines, sd_pipelines
+    from jdpt.weights.files import WeightsError
+    from jdpt.weights.pipeline_folder import pipeline_root, read_index
+
+    runs = {  # class -> (loader, sampler)
+        "FluxPipeline": (pipelines.load_flux_pipeline, flux.flux_text_to_image),
+        "StableDiffusionPipeline": (sd_pipelines.load_sd_pipeline, sd.sd_text_to_image),
+        "StableDiffusionXLPipeline": (sd_pipelines.load_sdxl_pipeline, sd.sdxl_text_to_image),
+        "StableDiffusion3Pipeline": (sd_pipelines.load_sd3_pipeline, sd.sd3_text_to_image),
+    }
+    name = read_index(pipeline_root(args.model)).get("_class_name")
+    if name not in runs:
+        raise WeightsError(f"pipeline class {name!r} is not one jdpt samples; it samples {sorted(runs)}")
+    load, generate = runs[name]
+    parts = load(args.model)
+    kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    if args.size is not None:
+        kw.update(height=args.size, width=args.size)
+    return generate(parts, [args.prompt] * args.n, key=key, num_inference_steps=args.steps, **kw)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -171,15 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=demo)
 
     p = sub.add_parser("sample", help="sample images for a prompt from a Shapes-world model folder or a "
-                                      "diffusers Flux pipeline folder")
+                                      "diffusers Flux / SD / SDXL / SD3 pipeline folder")
     p.add_argument("--model", required=True, help="Shapes-world model folder (e.g. ~/.cache/jdpt/shapes/default), "
-                                                  "diffusers Flux pipeline folder, or hub-cache repo id")
+                                                  "diffusers pipeline folder, or hub-cache repo id")
     p.add_argument("--prompt", required=True, help='e.g. "a red circle left of a blue square"')
     p.add_argument("--out", default="outputs/sample.png")
     p.add_argument("--n", type=int, default=4, help="samples, side by side")
-    p.add_argument("--size", type=int, default=1024, help="image side in pixels (Flux pipelines only)")
-    p.add_argument("--guidance", type=float, default=3.5,
-                   help="embedded guidance of guidance-distilled Flux models (Flux pipelines only)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (pipeline folders only; default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="pipeline folders only: Flux's embedded guidance, SD/SDXL/SD3's CFG scale "
+                        "(default: the pipeline's, as diffusers)")
     _sampling_args(p)
     p.set_defaults(fn=sample)
     args = parser.parse_args(argv)

@@ -1,17 +1,15 @@
 """Diffusers pipeline folders -> jdpt models, tokenizers and sampler settings.
 
 A pipeline folder (what ``pipe.save_pretrained`` writes, or a hub snapshot) holds a
-``model_index.json`` naming the pipeline class and one subfolder per component. Only the Flux
-text-to-image pipeline is read so far; its single models load with :func:`from_diffusers` as well
-(``jdpt.from_diffusers(folder, subfolder="transformer")``).
+``model_index.json`` naming the pipeline class and one subfolder per component. This module reads
+the Flux text-to-image pipeline (:mod:`jdpt.weights.sd_pipelines` the SD family); its single models
+load with :func:`from_diffusers` as well (``jdpt.from_diffusers(folder, subfolder="transformer")``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -20,19 +18,19 @@ from transformers import AutoTokenizer
 
 from jdpt.diffusion.schedules import flow_sigmas, flux_mu
 from jdpt.weights.diffusers import from_diffusers
-from jdpt.weights.files import WeightsError, locate
+from jdpt.weights.files import WeightsError
+from jdpt.weights.pipeline_folder import open_pipeline, read_scheduler_config
 
-# model_index.json entry -> the [library, class] it must name (None: any tokenizer class).
-FLUX_COMPONENTS: dict[str, tuple[str, str] | None] = {
-    "transformer": ("diffusers", "FluxTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
+# model_index.json entry -> the classes it may name (None: any tokenizer class).
+FLUX_COMPONENTS: dict[str, tuple[str, ...] | None] = {
+    "transformer": ("FluxTransformer2DModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
     "tokenizer": None,
-    "text_encoder_2": ("transformers", "T5EncoderModel"),
+    "text_encoder_2": ("T5EncoderModel",),
     "tokenizer_2": None,
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    "scheduler": ("FlowMatchEulerDiscreteScheduler",),
 }
-SUPPORTED_PIPELINES = ("FluxPipeline",)
 
 # FlowMatchEulerDiscreteScheduler options (diffusers applies them when truthy) jdpt's Flux sampler
 # does not implement.
@@ -130,14 +128,9 @@ def load_flux_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision
     Returns:
         :class:`FluxPipelineParts`.
     """
-    root = _pipeline_root(folder, revision, cache_dir)
-    _check_flux_index(root)
-    scheduler_config = root / "scheduler" / "scheduler_config.json"
-    if not scheduler_config.is_file():
-        raise WeightsError(f"{str(scheduler_config)!r} is missing; download the pipeline's scheduler "
-                           "folder too, or save the pipeline again with pipe.save_pretrained")
-    scheduler = FluxScheduler.from_config(json.loads(scheduler_config.read_text()),
-                                          source=str(scheduler_config))
+    root, _ = open_pipeline(folder, revision, cache_dir, "FluxPipeline", FLUX_COMPONENTS)
+    raw, source = read_scheduler_config(root)
+    scheduler = FluxScheduler.from_config(raw, source=source)
     models = {name: from_diffusers(root, subfolder=name, dtype=dtype)
               for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     return FluxPipelineParts(
@@ -149,50 +142,3 @@ def load_flux_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision
         t5_tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer_2"),
         scheduler=scheduler,
     )
-
-
-def _pipeline_root(folder: str | os.PathLike, revision: str | None, cache_dir) -> Path:
-    path = locate(folder, revision, cache_dir)
-    if path is None:
-        raise WeightsError(f"pipeline folder {str(Path(folder).expanduser())!r} does not exist; pass a local "
-                           "pipeline folder or a hub repo id (org/name) that is in the Hugging Face cache")
-    if not path.is_dir():
-        raise WeightsError(f"{str(path)!r} is a file; pass the pipeline folder holding model_index.json")
-    return path
-
-
-def _check_flux_index(root: Path) -> None:
-    """The folder is a complete ``FluxPipeline`` with the component classes jdpt loads."""
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        hint = (" It is a single model folder: load it with jdpt.from_diffusers(folder)."
-                if (root / "config.json").is_file() else "")
-        raise WeightsError(f"{str(root)!r} has no model_index.json, so it is not a diffusers pipeline "
-                           f"folder; pass the pipeline's root folder (saved by pipe.save_pretrained)."
-                           f"{hint}")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{index_path}: not valid JSON ({e})") from None
-    name = index.get("_class_name")
-    if name not in SUPPORTED_PIPELINES:
-        raise WeightsError(
-            f"{index_path}: pipeline class {name!r} is not supported; load_flux_pipeline reads "
-            f"{', '.join(SUPPORTED_PIPELINES)} folders (load single models of other pipelines with "
-            "jdpt.from_diffusers(folder, subfolder=...))"
-        )
-    for component, want in FLUX_COMPONENTS.items():
-        entry = index.get(component)
-        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise WeightsError(f"{index_path}: no {component!r} component ({component}: {entry!r}); "
-                               f"FluxPipeline needs all of {list(FLUX_COMPONENTS)}")
-        if want is not None and tuple(entry) != want:
-            raise WeightsError(f"{index_path}: {component!r} is {entry}; jdpt's FluxPipeline loader "
-                               f"needs {list(want)}")
-    missing = [c for c in FLUX_COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise WeightsError(
-            f"pipeline folder {str(root)!r} lacks the subfolders {missing} that model_index.json "
-            "names; download the whole pipeline (e.g. `hf download REPO`) or save it again with "
-            "pipe.save_pretrained"
-        )

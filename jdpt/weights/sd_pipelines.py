@@ -19,7 +19,6 @@ them. Safety checkers, feature extractors and IP-Adapter image encoders named in
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,8 @@ from transformers import AutoTokenizer
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.weights.diffusers import from_diffusers
 from jdpt.weights.files import WeightsError
-from jdpt.weights.pipelines import FlowMatchScheduler, _pipeline_root
-
-# Schedulers of SD/SDXL folders whose config jdpt turns into a DDIM schedule.
-DDIM_CONVERTIBLE = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler")
+from jdpt.weights.pipeline_folder import DDIM_CONVERTIBLE, open_pipeline, read_scheduler_config
+from jdpt.weights.pipelines import FlowMatchScheduler
 
 _VAE = ("AutoencoderKL",)
 _UNET = ("UNet2DConditionModel",)
@@ -182,8 +179,8 @@ def load_sd_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision: 
         :class:`SDPipelineParts`; its ``schedule`` is the DDIM equivalent of the folder's
         scheduler (jdpt samples SD with DDIM only, see the module docstring).
     """
-    root, _ = _open(folder, revision, cache_dir, "StableDiffusionPipeline", SD_COMPONENTS)
-    raw, source = _scheduler_config(root)
+    root, _ = open_pipeline(folder, revision, cache_dir, "StableDiffusionPipeline", SD_COMPONENTS)
+    raw, source = read_scheduler_config(root)
     schedule = ddim_schedule(raw, source=source)
     models = _models(root, ("unet", "vae", "text_encoder"), dtype)
     return SDPipelineParts(**models, tokenizer=_tokenizer(root, "tokenizer"), schedule=schedule)
@@ -199,8 +196,8 @@ def load_sdxl_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision
         :class:`SDXLPipelineParts`; its ``schedule`` is the DDIM equivalent of the folder's
         scheduler (jdpt samples SDXL with DDIM only, see the module docstring).
     """
-    root, index = _open(folder, revision, cache_dir, "StableDiffusionXLPipeline", SDXL_COMPONENTS)
-    raw, source = _scheduler_config(root)
+    root, index = open_pipeline(folder, revision, cache_dir, "StableDiffusionXLPipeline", SDXL_COMPONENTS)
+    raw, source = read_scheduler_config(root)
     schedule = ddim_schedule(raw, source=source)
     models = _models(root, ("unet", "vae", "text_encoder", "text_encoder_2"), dtype)
     return SDXLPipelineParts(
@@ -220,9 +217,9 @@ def load_sd3_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision:
     Returns:
         :class:`SD3PipelineParts`.
     """
-    root, index = _open(folder, revision, cache_dir, "StableDiffusion3Pipeline", SD3_COMPONENTS,
+    root, index = open_pipeline(folder, revision, cache_dir, "StableDiffusion3Pipeline", SD3_COMPONENTS,
                         optional=_SD3_OPTIONAL)
-    raw, source = _scheduler_config(root)
+    raw, source = read_scheduler_config(root)
     scheduler = SD3Scheduler.from_config(raw, source=source)
     with_t5, with_tokenizer = ((index.get(name) or [None, None])[1] is not None for name in _SD3_OPTIONAL)
     if with_t5 != with_tokenizer:
@@ -245,60 +242,3 @@ def _models(root: Path, names: tuple[str, ...], dtype: Any) -> dict[str, nnx.Mod
 
 def _tokenizer(root: Path, name: str):
     return AutoTokenizer.from_pretrained(root / name)
-
-
-def _scheduler_config(root: Path) -> tuple[dict[str, Any], str]:
-    path = root / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise WeightsError(f"{str(path)!r} is missing; download the pipeline's scheduler folder too, "
-                           "or save the pipeline again with pipe.save_pretrained")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
-
-
-def _open(folder, revision, cache_dir, pipeline: str, components: dict[str, tuple[str, ...] | None],
-          *, optional: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """The pipeline root and its ``model_index.json``, checked: the pipeline class, every
-    component's class (``optional`` ones may be ``[null, null]``) and their subfolders."""
-    root = _pipeline_root(folder, revision, cache_dir)
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        hint = (" It is a single model folder: load it with jdpt.from_diffusers(folder)."
-                if (root / "config.json").is_file() else "")
-        raise WeightsError(f"{str(root)!r} has no model_index.json, so it is not a diffusers pipeline "
-                           f"folder; pass the pipeline's root folder (saved by pipe.save_pretrained)."
-                           f"{hint}")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{index_path}: not valid JSON ({e})") from None
-    name = index.get("_class_name")
-    if name != pipeline:
-        loaders = {"StableDiffusionPipeline": "load_sd_pipeline",
-                   "StableDiffusionXLPipeline": "load_sdxl_pipeline",
-                   "StableDiffusion3Pipeline": "load_sd3_pipeline", "FluxPipeline": "load_flux_pipeline"}
-        hint = f"; load it with {loaders[name]}" if name in loaders else ""
-        raise WeightsError(f"{index_path}: pipeline class {name!r} is not a {pipeline}{hint}")
-    present = []
-    for component, classes in components.items():
-        entry = index.get(component)
-        if component in optional and entry in (None, [None, None]):
-            continue
-        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise WeightsError(f"{index_path}: no {component!r} component ({component}: {entry!r}); "
-                               f"jdpt's {pipeline} loader needs {list(components)}"
-                               + (f" ({', '.join(optional)} may be null)" if optional else ""))
-        if classes is not None and entry[1] not in classes:
-            raise WeightsError(f"{index_path}: {component!r} is {entry}; jdpt's {pipeline} loader "
-                               f"needs one of {list(classes)}"
-                               + (" (set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler."
-                                  "config) and save again)" if classes == DDIM_CONVERTIBLE else ""))
-        present.append(component)
-    missing = [c for c in present if not (root / c).is_dir()]
-    if missing:
-        raise WeightsError(f"pipeline folder {str(root)!r} lacks the subfolders {missing} that "
-                           "model_index.json names; download the whole pipeline (e.g. `hf download "
-                           "REPO`) or save it again with pipe.save_pretrained")
-    return root, index

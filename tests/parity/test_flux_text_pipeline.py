@@ -203,11 +203,11 @@ def _index(**changes) -> dict:
 @pytest.mark.parametrize("case,match", [
     ("no_folder", r"pipeline folder '.*nowhere' does not exist; pass a local pipeline folder"),
     ("model_folder", r"has no model_index.json.*single model folder: load it with jdpt.from_diffusers"),
-    ("sd3", r"pipeline class 'StableDiffusion3Pipeline' is not supported; load_flux_pipeline reads "
-            r"FluxPipeline folders"),
+    ("sd3", r"pipeline class 'StableDiffusion3Pipeline' is not a FluxPipeline; load it with "
+            r"load_sd3_pipeline"),
     ("no_t5", r"no 'text_encoder_2' component \(text_encoder_2: \[None, None\]\)"),
     ("clip_with_projection", r"'text_encoder' is \['transformers', 'CLIPTextModelWithProjection'\]; "
-                             r".*needs \['transformers', 'CLIPTextModel'\]"),
+                             r".*needs one of \['CLIPTextModel'\]"),
     ("missing_subfolders", r"lacks the subfolders \['text_encoder_2', 'tokenizer_2'\] that "
                            r"model_index.json names; download the whole pipeline"),
     ("karras", r"scheduler_config.json: use_karras_sigmas=True is not implemented by jdpt's Flux"),

@@ -375,3 +375,24 @@ def test_bad_pipeline_folders_raise(tmp_path, loader, folder_class, changes, sch
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     with pytest.raises(WeightsError, match=match):
         _LOADERS[loader](folder)
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_cli_samples_sd_family_folders(name, request, tmp_path):
+    """``jdpt sample`` dispatches on model_index.json: the PNG holds the images the pipeline's own
+    text-to-image function gives for the same seed, size, steps and guidance."""
+    import jax
+    from PIL import Image
+
+    from jdpt import cli
+
+    folder = request.getfixturevalue(name)[1]
+    out = tmp_path / f"{name}.png"
+    assert cli.main(["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--out", str(out), "--n", "2",
+                     "--size", "16", "--steps", "2", "--guidance", "3.0", "--seed", "5"]) == 0
+    loader, generate = {"sd": (load_sd_pipeline, sd_text_to_image),
+                        "sdxl": (load_sdxl_pipeline, sdxl_text_to_image),
+                        "sd3": (load_sd3_pipeline, sd3_text_to_image)}[name]
+    images = generate(loader(folder), [PROMPTS[0]] * 2, key=jax.random.key(5), height=16, width=16,
+                      num_inference_steps=2, guidance_scale=3.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.concatenate(list(np.asarray(images)), axis=1))

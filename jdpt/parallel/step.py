@@ -220,7 +220,8 @@ def make_train_step(
         ``init_state(model, extra=None) -> TrainState`` and ``step(state, batch, key) ->
         (state, metrics)``; ``metrics`` holds the objective's metrics, ``loss`` and
         ``grad_norm``. ``step`` donates ``state`` (use the returned one). Pass batches as host
-        arrays (one host) or from :func:`jdpt.parallel.shard_batch`.
+        arrays (one host) or from :func:`jdpt.parallel.shard_batch`. ``step.lower(state, batch,
+        key)`` lowers the jitted update without running it (``.compile().memory_analysis()``).
     """
     cfg = _Settings(micro_batches, compute_dtype, clip_norm, remat)
     graphdef, params, _ = _split(model, trainable)
@@ -247,8 +248,10 @@ def make_train_step(
 
     def init_state(model: nnx.Module, extra: Any = None) -> TrainState:
         params, rest = _check_structure(model, trainable, graphdef)
-        # Copies: the step donates them, the model's own arrays must stay valid.
-        params = jax.device_put(params, shardings.params, may_alias=False)
+        # Copies: the step donates them, the model's own arrays must stay valid. (An explicit
+        # copy: device_put(..., may_alias=False) of a one-device array onto a replicated
+        # sharding still reuses its buffer on jax 0.12.)
+        params = jax.device_put(jax.tree.map(jnp.copy, params), shardings.params)
         opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
         frozen = Frozen(graphdef, shard_params(rest, mesh, rules),
                         None if extra is None else shard_params(extra, mesh, rules), compute_dtype)
@@ -260,6 +263,12 @@ def make_train_step(
         new, metrics = update(state.replace(frozen=None), state.frozen, batch, key)
         return new.replace(frozen=state.frozen), metrics
 
+    def lower(state: TrainState, batch: Batch, key: jax.Array) -> jax.stages.Lowered:
+        """The compiled update's ahead-of-time stage for these arguments:
+        ``step.lower(...).compile()`` gives ``memory_analysis()`` and ``cost_analysis()``."""
+        return update.lower(state.replace(frozen=None), state.frozen, batch, key)
+
+    step.lower = lower
     return init_state, step
 
 

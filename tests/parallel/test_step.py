@@ -195,6 +195,17 @@ def test_lora_trains_only_adapters_and_frozen_arrays_survive(batch):
     assert history[-1]["loss"] < history[0]["loss"]
 
 
+def test_donated_state_leaves_the_models_arrays_alive(batch):
+    """The step donates its state; the params ``init_state`` took from the model are copies, so
+    the model (on device, replicated onto an 8-device mesh) stays usable after training."""
+    model = random_model(CONFIG, 3)
+    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))  # device arrays, as trained models hold
+    params = nnx.state(model, nnx.Param)
+    state, _ = _jit(model, batch, make_mesh(data=8))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def test_bf16_compute_keeps_fp32_master_params(model, batch, one_device):
     state, history = _jit(model, batch, make_mesh(devices=jax.devices()[:1]), compute_dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} == {jnp.dtype(jnp.float32)}

@@ -40,6 +40,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -53,6 +55,9 @@ from jdpt.data.shapes import ShapesConfig, render, sample_pairs, sample_prompts
 from jdpt.rewards.verifier import verify
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REPORTED_ROWS = 10  # bad rows listed by name in a skip report
+
+logger = logging.getLogger(__name__)
 
 
 def _rgb_image() -> tfds.features.Image:
@@ -100,10 +105,11 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, file_format: str = "array_record", **kwargs):
         super().__init__(file_format=file_format, **kwargs)
 
-    def _local_info(self, description: str, features: dict) -> tfds.core.DatasetInfo:
+    def _local_info(self, description: str, features: dict,
+                    metadata: tfds.core.MetadataDict | None = None) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=description,
                                      features=tfds.features.FeaturesDict(features),
-                                     disable_shuffling=True)
+                                     metadata=metadata, disable_shuffling=True)
 
 
 # --------------------------------------------------------------------------- Pick-a-Pic
@@ -124,11 +130,45 @@ layout, e.g. data/train-00000-of-00645.parquet), with columns caption (string), 
 optionally label_1 (else 1 - label_0)."""
 
 
+def _pickapic_problem(row: dict) -> str | None:
+    """Why a Pick-a-Pic row cannot become an example (images aside), or None."""
+    caption, label_0 = row["caption"], row["label_0"]
+    if not isinstance(caption, str) or not caption.strip():
+        return f"missing caption ({caption!r})"
+    if label_0 not in (0.0, 0.5, 1.0):  # None and NaN are not in it either
+        return f"label_0={label_0!r} is not 0, 0.5 or 1"
+    label_1 = row.get("label_1")
+    if label_1 is not None and not (isinstance(label_1, int | float) and math.isclose(label_1, 1.0 - label_0)):
+        return f"label_1={label_1!r} is not 1 - label_0 = {1.0 - label_0}"
+    return None
+
+
+def _decode_pair(row: dict) -> tuple[tuple[Image.Image, Image.Image] | None, str | None]:
+    """``((image_0, image_1), None)``, or ``(None, reason)`` when an image is absent or undecodable."""
+    images = []
+    for column in ("jpg_0", "jpg_1"):
+        data = row[column]
+        if not data:
+            return None, f"{column} is empty ({data!r})"
+        try:
+            images.append(_open_rgb(data))
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
+            return None, f"{column} undecodable ({type(error).__name__}: {error})"
+    return (images[0], images[1]), None
+
+
 class PickAPicPreferences(_LocalBuilder):
     """Pick-a-Pic v2 preference pairs (Kirstain et al., 2023) from local parquet files.
 
     Features: ``caption`` (text), ``image_0`` / ``image_1`` (the JPEGs re-encoded as PNG, uint8
     ``[H, W, 3]`` when read), ``label_0`` / ``label_1`` (float32).
+
+    Bad rows (a missing or blank caption, ``label_0`` not in {0, 0.5, 1}, ``label_1`` that is not
+    ``1 - label_0``, an empty or undecodable image) are skipped, not fatal: each split's count and
+    its first bad rows (``"<file relative to manual_dir>#<row>"`` with the reason) are logged as
+    a warning and kept in ``builder.info.metadata["skipped_rows"]``
+    (``{split: {"count": n, "rows": [{"row": ..., "reason": ...}, ...]}}``, saved with the
+    dataset). A split left without any example by bad rows is an error.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -143,7 +183,8 @@ class PickAPicPreferences(_LocalBuilder):
         return self._local_info(
             "Pick-a-Pic v2 preference pairs from local parquet files.",
             {"caption": tfds.features.Text(), "image_0": _rgb_image(), "image_1": _rgb_image(),
-             "label_0": np.float32, "label_1": np.float32})
+             "label_0": np.float32, "label_1": np.float32},
+            metadata=tfds.core.MetadataDict(skipped_rows={}))
 
     def _split_generators(self, dl_manager):
         folder = _manual_dir(dl_manager)
@@ -151,22 +192,41 @@ class PickAPicPreferences(_LocalBuilder):
         for path in (p for files in splits.values() for p in files):
             _check_columns(path, pq.read_schema(path).names, _PICKAPIC_COLUMNS,
                            f"Expected layout:\n{_PICKAPIC_LAYOUT}")
-        return {split: self._generate_examples(files) for split, files in splits.items()}
+        return {split: self._generate_examples(split, files, folder) for split, files in splits.items()}
 
-    def _generate_examples(self, files: list[Path]):
-        key = 0
+    def _generate_examples(self, split: str, files: list[Path], folder: Path):
+        key, kept, skipped = 0, 0, []
         for path in files:
             parquet = pq.ParquetFile(path)
             columns = [*_PICKAPIC_COLUMNS, *(["label_1"] if "label_1" in parquet.schema_arrow.names else [])]
-            for batch in parquet.iter_batches(batch_size=64, columns=columns):
-                for row in batch.to_pylist():
-                    key += 1
-                    label_0 = float(row["label_0"])
-                    if label_0 == 0.5 and not self.builder_config.keep_ties:
-                        continue
-                    yield key, {"caption": row["caption"], "image_0": _open_rgb(row["jpg_0"]),
-                                "image_1": _open_rgb(row["jpg_1"]), "label_0": label_0,
-                                "label_1": float(row.get("label_1", 1.0 - label_0))}
+            batches = parquet.iter_batches(batch_size=64, columns=columns)
+            for index, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+                key += 1  # keys count every row, so a row's key does not depend on others being bad
+                reason = _pickapic_problem(row)
+                if reason is None and row["label_0"] == 0.5 and not self.builder_config.keep_ties:
+                    continue
+                images, reason = (None, reason) if reason else _decode_pair(row)
+                if reason:
+                    skipped.append({"row": f"{path.relative_to(folder)}#{index}", "reason": reason})
+                    continue
+                label_0, label_1 = float(row["label_0"]), row.get("label_1")
+                kept += 1
+                yield key, {"caption": row["caption"], "image_0": images[0], "image_1": images[1],
+                            "label_0": label_0, "label_1": 1.0 - label_0 if label_1 is None else float(label_1)}
+        self._report_skipped(split, key, kept, skipped)
+
+    def _report_skipped(self, split: str, rows: int, kept: int, skipped: list[dict]) -> None:
+        first = skipped[:_REPORTED_ROWS]
+        self.info.metadata["skipped_rows"][split] = {"count": len(skipped), "rows": first}
+        if not skipped:
+            return
+        listed = "; ".join(f"{bad['row']}: {bad['reason']}" for bad in first)
+        if not kept:
+            raise ValueError(f"Pick-a-Pic split {split!r}: no usable row, {len(skipped)} of {rows} are bad "
+                             f"(first: {listed}); "
+                             f"check the files against the layout:\n{_PICKAPIC_LAYOUT}")
+        logger.warning("Pick-a-Pic split %r: skipped %d bad row(s) of %d; first %d: %s. The list is in "
+                       "builder.info.metadata['skipped_rows']", split, len(skipped), rows, len(first), listed)
 
 
 # --------------------------------------------------------------------------- prompt lists

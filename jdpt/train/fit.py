@@ -17,6 +17,24 @@ the batch after the checkpoint and drops the metric lines logged after it: the f
 bit-identical to one that was never interrupted. A run that has reached ``num_steps`` returns at
 once.
 
+Unreadable checkpoints: before restoring a step, :func:`fit` checks that its folder is complete
+(Orbax's commit marker ``commit_success.txt`` and the three items above) and that the state's
+metadata and this host's iterator position parse (with several processes, all hosts agree on
+the outcome before the collective restore), then restores it; a missing, truncated or garbled
+file makes a read fail. Such a step is reported (a warning on the ``jdpt.train.fit`` logger
+naming the step and the reason) and the next older one is tried; once one restores, the
+unreadable newer folders are renamed to
+``<step>.unreadable-<unix time>`` (kept for inspection, never overwritten by the resumed run's
+saves). When checkpoints exist but none is readable, :func:`fit` raises instead of starting
+over. A readable checkpoint of another run (other model, optimizer or key) is an error, not a
+reason to fall back.
+
+NaN guard: the metrics of every update (``loss``, ``grad_norm`` and the objective's) are
+fetched and checked at each log step and before each checkpoint; the first update with a NaN
+or infinite value raises :class:`NonFiniteMetrics` naming it and the metrics, and no
+checkpoint of a state after it is written (checking only there keeps the device busy between
+checks: a NaN is caught at most ``log_every`` updates late, but always named exactly).
+
 Interruptions:
 
 - an exception (in the step, the loader or a hook) propagates after the checkpoint being saved,
@@ -82,6 +100,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import signal
 import threading
@@ -95,6 +114,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -102,6 +122,13 @@ from jdpt.parallel.mesh import shard_batch
 from jdpt.parallel.step import Metrics, Step, TrainState
 
 Hook = Callable[[int, TrainState, Metrics], None]
+
+logger = logging.getLogger(__name__)
+
+# Orbax (>= 0.11) writes this file into a step folder as the last act of a save; a folder
+# without it was never completed. Every checkpoint of fit() has these items.
+_COMMIT_MARKER = "commit_success.txt"
+_ITEMS = ("state", "data", "key")
 
 # Set by the cluster launchers jax.distributed.initialize() auto-detects: an explicit
 # coordinator, GKE TPU workers, Slurm job steps (srun), Open MPI (mpirun).
@@ -124,6 +151,39 @@ class Preempted(Exception):
                          f"{checkpoint_dir}: call fit again with the same checkpoint_dir to resume")
         self.step = step
         self.checkpoint_dir = checkpoint_dir
+
+
+class NonFiniteMetrics(ValueError):
+    """A NaN or infinite loss/metric: :func:`fit` stopped without checkpointing that state.
+
+    Attributes:
+        step: the update (1-based, as in the metrics log) whose metrics are not finite.
+        metrics: their names, e.g. ``["loss", "grad_norm"]``.
+        checkpoint_dir: the run's directory; its newest checkpoint is from before ``step``.
+    """
+
+    def __init__(self, step: int, values: dict[str, Any], checkpoint_dir: str):
+        bad = {name: value for name, value in values.items() if not _finite(value)}
+        shown = ", ".join(f"{name}={_summary(value)}" for name, value in bad.items())
+        super().__init__(
+            f"step {step}: metric(s) {list(bad)} not finite ({shown}); training stopped and this state "
+            f"was not checkpointed. The checkpoints in {checkpoint_dir} are from before step {step}: "
+            "find the cause (learning rate, loss scale, bad batch), then resume from them")
+        self.step = step
+        self.metrics = list(bad)
+        self.checkpoint_dir = checkpoint_dir
+
+
+def _finite(value: Any) -> bool:
+    array = np.asarray(value)
+    return not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
+
+
+def _summary(value: Any) -> str:
+    array = np.asarray(value)
+    if array.ndim == 0:
+        return str(array.item())
+    return f"{(~np.isfinite(array)).sum()} of {array.size} entries NaN/inf"
 
 
 def initialize_distributed() -> bool:
@@ -198,6 +258,115 @@ def _check_fits(stored: Any, expected: Any, where: str) -> None:
             "Resume with the model, trainable filter and optimizer that wrote it, or pass a new "
             "checkpoint_dir to start a fresh run"
         )
+
+
+class _Unreadable(Exception):
+    """A checkpoint step that cannot be restored; the message says why."""
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _inspect_step(path) -> tuple[str | None, Any]:
+    """``(why this process cannot restore the step folder path, or None; the state's Orbax
+    metadata)`` from the files it reads alone: no collectives, so that hosts can agree on the
+    outcome before the (collective) restore."""
+    if not (path / _COMMIT_MARKER).exists():
+        return f"no {_COMMIT_MARKER} (Orbax's commit marker): the save never finished", None
+    missing = [item for item in _ITEMS if not (path / item).is_dir()]
+    if missing:
+        return f"item folder(s) {missing} missing", None
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(path / "state")
+    except Exception as error:  # any failure to read or parse the files means: unusable
+        return f"state metadata unreadable ({_reason(error)})", None
+    finally:
+        handler.close()
+    # grain's checkpoint handler keeps one iterator position per process under this name.
+    position = path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    try:
+        json.loads(position.read_text())
+    except Exception as error:
+        return f"iterator state {position.name} unreadable ({_reason(error)})", None
+    return None, stored
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, stored: Any, train: TrainState, iterator,
+                  key: jax.Array, directory: str) -> TrainState:
+    """The train state of checkpoint ``step`` (the iterator moved to its position); ``stored``:
+    the state's metadata from :func:`_inspect_step`.
+
+    Raises:
+        _Unreadable: a file in it cannot be read or decoded.
+        ValueError: it is readable but holds another run's state or key.
+    """
+    where = f"checkpoint_dir {directory} (step {step})"
+    _check_fits(stored.tree, train, where)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(train)),
+            data=grain.checkpoint.CheckpointRestore(iterator), key=ocp.args.JsonRestore()))
+    except Exception as error:
+        raise _Unreadable(f"restore failed ({_reason(error)})") from error
+    if restored.key != _key_record(key):
+        raise ValueError(f"{where} was trained with key {restored.key}, not the given "
+                         f"{_key_record(key)}: pass the run's key, or a new checkpoint_dir")
+    return restored.state
+
+
+def _failed_processes(ok: bool) -> list[int]:
+    """The JAX processes where ``ok`` is False (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray(ok))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(~flags)]
+
+
+def _resume(manager: ocp.CheckpointManager, train: TrainState, iterator, key: jax.Array,
+            directory: str) -> tuple[int, TrainState]:
+    """``(step, state)`` of the newest readable checkpoint, ``(0, train)`` when there is none.
+
+    Unreadable newer steps are logged (step and reason) and renamed to
+    ``<step>.unreadable-<unix time>`` (kept for inspection, out of Orbax's sight, so that the
+    resumed run's saves of those steps do not meet them).
+    """
+    bad: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        reason, stored = _inspect_step(manager.directory / str(step))
+        failed = _failed_processes(reason is None)  # every host must resume from the same step
+        if not failed:
+            try:  # the rest is read from files all hosts share: they fail alike
+                state = _restore_step(manager, step, stored, train, iterator, key, directory)
+            except _Unreadable as error:
+                reason = str(error)
+        elif reason is None:
+            reason = f"unreadable on process(es) {failed}"
+        if reason is not None:
+            logger.warning("checkpoint step %d in %s is unreadable: %s; trying the previous step",
+                           step, directory, reason)
+            bad.append((step, reason))
+            continue
+        if bad:
+            stamp = int(time.time())
+            if jax.process_index() == 0:
+                for unreadable, _ in bad:
+                    source = manager.directory / str(unreadable)
+                    source.rename(source.parent / f"{unreadable}.unreadable-{stamp}")
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("jdpt.train.fit: unreadable steps moved")
+            manager.reload()
+            logger.warning("resuming from step %d in %s; unreadable step(s) %s moved to "
+                           "<step>.unreadable-%d", step, directory, [s for s, _ in bad], stamp)
+        return step, state
+    if bad:
+        raise ValueError(
+            f"checkpoint_dir {directory} holds checkpoints but none is readable: "
+            + "; ".join(f"step {step}: {reason}" for step, reason in bad)
+            + ". Move those step folders away to start afresh there, or pass a new checkpoint_dir")
+    return 0, train
 
 
 class _Log:
@@ -295,7 +464,9 @@ def fit(
 
     Raises:
         Preempted: on SIGTERM, after saving a checkpoint at the current step.
-        ValueError: ``checkpoint_dir`` holds a different state or key (use a new directory).
+        NonFiniteMetrics: an update gave a NaN/inf metric (nothing after it is checkpointed).
+        ValueError: ``checkpoint_dir`` holds a different state or key (use a new directory),
+            or checkpoints of which none is readable.
     """
     for name, value in (("num_steps", num_steps), ("save_every", save_every), ("keep", keep),
                         ("log_every", log_every)):
@@ -313,26 +484,29 @@ def fit(
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True)
 
+    pending: list[tuple[int, Metrics]] = []  # metrics (on device) not yet checked for NaN/inf
+
+    def check() -> dict[str, Any]:
+        """Fetch the pending metrics; raise :class:`NonFiniteMetrics` at the first step with a
+        NaN/inf; return the newest step's values."""
+        fetched = jax.device_get([metrics for _, metrics in pending])
+        for (done, _), values in zip(pending, fetched, strict=True):
+            if not all(_finite(value) for value in values.values()):
+                raise NonFiniteMetrics(done, values, directory)
+        pending.clear()
+        return fetched[-1]
+
     def save(done: int, train: TrainState) -> None:
+        if pending:
+            check()  # never checkpoint a state reached through a NaN/inf update
         manager.save(done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(train), data=grain.checkpoint.CheckpointSave(iterator),
             key=ocp.args.JsonSave(_key_record(key))))
 
     # SIGTERM stays handled until the manager has closed (written its last checkpoint).
     with (_sigterm_notice() as sigterm, ocp.CheckpointManager(directory, options=options) as manager):
-        train, frozen = state.replace(frozen=None), state.frozen
-        start = manager.latest_step() or 0
-        if start:
-            where = f"checkpoint_dir {directory} (step {start})"
-            stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(start) / "state")
-            _check_fits(stored.tree, train, where)
-            restored = manager.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(train)),
-                data=grain.checkpoint.CheckpointRestore(iterator), key=ocp.args.JsonRestore()))
-            if restored.key != _key_record(key):
-                raise ValueError(f"{where} was trained with key {restored.key}, not the given "
-                                 f"{_key_record(key)}: pass the run's key, or a new checkpoint_dir")
-            train = restored.state
+        frozen = state.frozen
+        start, train = _resume(manager, state.replace(frozen=None), iterator, key, directory)
         state = train.replace(frozen=frozen)
         log = _Log(Path(metrics_path or Path(directory) / "metrics.jsonl"), tensorboard_dir, start)
         bar = tqdm(total=num_steps, initial=start, unit="step",
@@ -349,9 +523,9 @@ def fit(
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
                 state, metrics = step(state, batch, jax.random.fold_in(key, done - 1))
+                pending.append((done, metrics))
                 if done % log_every == 0 or done == num_steps:
-                    values = {name: np.asarray(value).tolist()
-                              for name, value in jax.device_get(metrics).items()}
+                    values = {name: np.asarray(value).tolist() for name, value in check().items()}
                     record = {"step": done, "time": time.time(), **values}
                     log.write(record)
                     history.append(record)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import re
 import sys
 
 import numpy as np
@@ -108,6 +110,60 @@ def test_pickapic_errors_name_path_and_layout(tmp_path):
     pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b""], "jpg_1": [b""]}), bad / "train.parquet")
     with pytest.raises(ValueError, match=r"train\.parquet lacks column\(s\) \['label_0'\]"):
         _prepare(PickAPicPreferences, tmp_path, bad)
+
+
+def test_pickapic_bad_rows_are_reported_and_skipped(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    jpg = [_encode(_photo(rng, 6, 8), "JPEG") for _ in range(20)]
+    rows = [  # (caption, jpg_0, jpg_1, label_0, label_1, why it is bad or None)
+        ("good 0", jpg[0], jpg[1], 1.0, 0.0, None),
+        ("bad bytes", b"not an image", jpg[2], 1.0, 0.0, r"jpg_0 undecodable \(UnidentifiedImageError"),
+        (None, jpg[3], jpg[4], 0.0, 1.0, r"missing caption \(None\)"),
+        ("good 1", jpg[5], jpg[6], 0.0, 1.0, None),
+        ("odd label", jpg[7], jpg[8], 0.3, 0.7, r"label_0=0\.3 is not 0, 0\.5 or 1"),
+        ("a tie", jpg[9], b"", 0.5, 0.5, None),  # dropped as a tie (no_ties) before its images are read
+        ("cut short", jpg[10], jpg[11][: len(jpg[11]) // 2], 1.0, 0.0, r"jpg_1 undecodable \(OSError"),
+        ("   ", jpg[12], jpg[13], 1.0, 0.0, r"missing caption \('   '\)"),
+        ("labels disagree", jpg[14], jpg[15], 1.0, 1.0, r"label_1=1\.0 is not 1 - label_0 = 0\.0"),
+        ("nan label", jpg[16], jpg[17], float("nan"), 0.0, r"label_0=nan is not"),
+        ("no image", None, jpg[18], 0.0, 1.0, r"jpg_0 is empty \(None\)"),
+        ("good 2", jpg[19], jpg[0], 1.0, 0.0, None),
+    ]
+    manual = tmp_path / "pickapic"
+    (manual / "data").mkdir(parents=True)
+    columns = list(zip(*rows))
+    pq.write_table(pa.table({"caption": pa.array(columns[0], pa.string()), "jpg_0": pa.array(columns[1], pa.binary()),
+                             "jpg_1": pa.array(columns[2], pa.binary()), "label_0": columns[3],
+                             "label_1": columns[4]}), manual / "data" / "train-00000-of-00001.parquet",
+                   row_group_size=5)
+    with caplog.at_level(logging.WARNING, logger="jdpt.data.builders"):
+        builder = _prepare(PickAPicPreferences, tmp_path, manual, "no_ties")
+    good = [row for row in rows if row[5] is None and row[3] != 0.5]
+    records = _records(builder)
+    assert [r["caption"].decode() for r in records] == [row[0] for row in good]
+    for record, row in zip(records, good):
+        np.testing.assert_array_equal(record["image_0"], _decoded(row[1]))
+        np.testing.assert_array_equal(record["image_1"], _decoded(row[2]))
+        assert (record["label_0"], record["label_1"]) == (row[3], row[4])
+    bad = [(i, row[5]) for i, row in enumerate(rows) if row[5] is not None]
+    report = builder.info.metadata["skipped_rows"]["train"]
+    assert report["count"] == len(bad) == 8
+    assert [r["row"] for r in report["rows"]] == [f"data/train-00000-of-00001.parquet#{i}" for i, _ in bad]
+    for entry, (_, pattern) in zip(report["rows"], bad, strict=True):
+        assert re.match(pattern, entry["reason"]), (entry, pattern)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "jdpt.data.builders"]
+    assert re.match(r"Pick-a-Pic split 'train': skipped 8 bad row\(s\) of 12; first 8: "
+                    r"data/train-00000-of-00001\.parquet#1: jpg_0 undecodable", message)
+    reopened = tfds.builder_from_directory(builder.data_dir)  # the report is saved with the dataset
+    assert reopened.info.metadata["skipped_rows"]["train"] == report
+    # A split left without any example is an error naming its bad rows.
+    (manual / "data" / "train-00000-of-00001.parquet").unlink()
+    pq.write_table(pa.table({"caption": [None, "x", "a tie"], "jpg_0": [b"", b"?", b"?"],
+                             "jpg_1": [b"", b"?", b"?"], "label_0": [1.0, 2.0, 0.5]}),
+                   manual / "data" / "train.parquet")  # the tie is dropped (no_ties), the rest is bad
+    with pytest.raises(ValueError, match=r"split 'train': no usable row, 2 of 3 are bad \(first: data/train\.parquet#0: "
+                                         r"missing caption.*#1: label_0=2\.0 is not 0, 0\.5 or 1"):
+        _prepare(PickAPicPreferences, tmp_path / "again", manual)
 
 
 def test_prompt_list_from_txt_and_csv(tmp_path):

@@ -1,2 +1,11 @@
 """Pallas kernels, installed as ``jdpt.kernels`` (the top-level name ``kernels`` belongs to
-Hugging Face's kernel hub on PyPI). Each kernel module keeps a plain-JAX reference beside it."""
+Hugging Face's kernel hub on PyPI). Each kernel module keeps a plain-JAX reference beside it.
+
+- :mod:`jdpt.kernels.attention`: perturbed (SoftPAG / PAG, joint-MMDiT PAG) flash attention;
+  importing it registers the ``"pallas"`` implementation of :func:`jdpt.models.attention.attention`
+  (``AttentionPlan(impl="pallas")``).
+"""
+
+from jdpt.kernels import attention
+
+__all__ = ["attention"]

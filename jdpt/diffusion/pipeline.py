@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jdpt.diffusion.samplers import euler_flow
 from jdpt.diffusion.schedules import flow_sigmas, flux_mu
+from jdpt.guidance.cfg import Guidance, stack_branches, step_index
 from jdpt.models.flux import FluxTransformer, image_ids, unpack_latents
 from jdpt.models.pixels import PixelCodec
 from jdpt.models.vae import AutoencoderKL
@@ -46,6 +47,7 @@ def flux_generate(
     negative_pooled_prompt_embeds: jax.Array | None = None,
     true_cfg_scale: float = 1.0,
     sigmas: jax.Array | None = None,
+    guidance: Guidance | None = None,
 ) -> jax.Array:
     """Sample images with a Flux transformer (jit this function; models are pytrees).
 
@@ -63,6 +65,10 @@ def flux_generate(
             (diffusers' ``true_cfg_scale``), both branches in one batched forward.
         sigmas: ``[N + 1]`` noise levels overriding the default schedule (Flux's
             resolution-dependent shift over ``num_inference_steps`` steps).
+        guidance: a ``jdpt.guidance`` method (CFG-Zero*, PAG, SEG, ...) replacing
+            ``true_cfg_scale``: one forward over its branches with its attention plans, then its
+            combination (``timestep = sigma * 1000``); the negative embeddings are needed exactly
+            when its branches include ``"uncond"``.
     Returns:
         ``[B, height, width, 3]`` uint8 images.
     """
@@ -80,7 +86,12 @@ def flux_generate(
     if any(has_negative) and not all(has_negative):
         raise ValueError("pass both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
     cfg = true_cfg_scale > 1 and all(has_negative)
-    if true_cfg_scale > 1 and not cfg:
+    if guidance is not None:
+        cfg = "uncond" in guidance.branches
+        if cfg and not all(has_negative):
+            raise ValueError(f"guidance with branches {guidance.branches} needs negative_prompt_embeds and "
+                             "negative_pooled_prompt_embeds (the unconditional prompt's embeddings)")
+    elif true_cfg_scale > 1 and not cfg:
         raise ValueError(
             f"true_cfg_scale={true_cfg_scale} needs negative_prompt_embeds and "
             "negative_pooled_prompt_embeds (the unconditional prompt's embeddings)"
@@ -91,21 +102,26 @@ def flux_generate(
     img_ids = image_ids(lh, lw)
     txt_ids = jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32)
     context, pooled = prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype)
-    if cfg:
-        if negative_prompt_embeds.shape != prompt_embeds.shape:
+    if cfg or guidance is not None:
+        if cfg and negative_prompt_embeds.shape != prompt_embeds.shape:
             raise ValueError(
                 f"negative_prompt_embeds {negative_prompt_embeds.shape} must match prompt_embeds "
                 f"{prompt_embeds.shape} (pad both prompts to the same token length)"
             )
-        context = jnp.concatenate([negative_prompt_embeds.astype(dtype), context])
-        pooled = jnp.concatenate([negative_pooled_prompt_embeds.astype(dtype), pooled])
+        branches = guidance.branches if guidance is not None else ("uncond", "cond")
+        context = stack_branches(branches, context, negative_prompt_embeds.astype(dtype) if cfg else None)
+        pooled = stack_branches(branches, pooled, negative_pooled_prompt_embeds.astype(dtype) if cfg else None)
     n = context.shape[0]
-    guidance = jnp.full((n,), guidance_scale, jnp.float32) if transformer.config.guidance_embeds else None
+    plans = None if guidance is None else guidance.plans(transformer, b, (lh, lw))
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    embedded_guidance = jnp.full((n,), guidance_scale, jnp.float32) if transformer.config.guidance_embeds else None
 
     def velocity(x, sigma):
-        if cfg:
-            x = jnp.concatenate([x, x])
-        v = transformer(x, context, pooled, jnp.full((n,), sigma), img_ids, txt_ids, guidance)
+        x = jnp.concatenate([x] * (n // b))
+        v = transformer(x, context, pooled, jnp.full((n,), sigma), img_ids, txt_ids, embedded_guidance,
+                        plans=plans)
+        if guidance is not None:
+            return guidance.combine(v, step=step_index(sigmas[:-1], sigma), timestep=sigma * 1000)
         if cfg:
             v_neg, v_pos = jnp.split(v.astype(jnp.float32), 2)
             v = v_neg + true_cfg_scale * (v_pos - v_neg)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jdpt.diffusion.pipeline import to_uint8
 from jdpt.diffusion.prompts import encode_sd3_prompt, encode_sd_prompt, encode_sdxl_prompt, sdxl_time_ids
 from jdpt.diffusion.samplers import ddim_sample, euler_flow
-from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas
+from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas, inference_timesteps
+from jdpt.guidance.cfg import Guidance, stack_branches, step_index
 from jdpt.models.sd3 import SD3Transformer
 from jdpt.models.unet import UNet2DConditionModel
 from jdpt.models.vae import AutoencoderKL
@@ -101,6 +102,7 @@ def sd_generate(
     guidance_scale: float | jax.Array = 7.5,
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
+    guidance: Guidance | None = None,
 ) -> jax.Array:
     """Sample images with an SD 1.x/2.x or SDXL UNet and DDIM (jit this function with
     ``schedule``, the sizes, ``num_inference_steps``, ``guidance_rescale`` and ``eta`` static).
@@ -124,6 +126,10 @@ def sd_generate(
         guidance_scale: classifier-free guidance weight (may be traced).
         guidance_rescale: Lin et al. 2024's rescale ``phi`` (0: off), with guidance only.
         eta: DDIM noise (0: deterministic; needs ``key`` when > 0).
+        guidance: a ``jdpt.guidance`` method (CFG-Zero*, PAG, SEG, ...) replacing the built-in
+            CFG (``guidance_scale`` and ``guidance_rescale`` are then unused): one forward over
+            its branches with its attention plans, then its combination. The negative
+            embeddings are given exactly when its branches include ``"uncond"``.
 
     Returns:
         ``[B, height, width, 3]`` uint8 images, decoded by ``vae.decode_latents`` (divided by
@@ -134,6 +140,10 @@ def sd_generate(
     lh, lw = _check_size(height, width, vae.downsample_factor, unet.config.downsample_factor, "UNet's")
     key, latents = _initial_latents(key, latents, (b, lh, lw, unet.config.in_channels), height, width)
     cfg = negative_prompt_embeds is not None
+    branches = ("uncond", "cond") if cfg else ("cond",)
+    if guidance is not None:
+        branches = guidance.branches
+        cfg = "uncond" in branches
     sdxl = unet.config.addition_embed_type == "text_time"
     if sdxl and pooled_prompt_embeds is None:
         raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs pooled_prompt_embeds "
@@ -144,21 +154,23 @@ def sd_generate(
     _negatives(cfg, {"prompt_embeds": (prompt_embeds, negative_prompt_embeds),
                      "pooled_prompt_embeds": (pooled_prompt_embeds, negative_pooled_prompt_embeds)})
     dtype = unet.conv_in.kernel.get_value().dtype
-    context = prompt_embeds.astype(dtype)
-    if cfg:
-        context = jnp.concatenate([negative_prompt_embeds.astype(dtype), context])
+    negative = negative_prompt_embeds.astype(dtype) if cfg else None
+    context = stack_branches(branches, prompt_embeds.astype(dtype), negative)
     added = None
     if sdxl:
         if add_time_ids is None:
             add_time_ids = sdxl_time_ids((height, width), (0, 0), (height, width), batch=b)
-        pooled, time_ids = pooled_prompt_embeds, jnp.asarray(add_time_ids, jnp.float32)
-        if cfg:
-            pooled = jnp.concatenate([negative_pooled_prompt_embeds, pooled])
-            time_ids = jnp.concatenate([time_ids, time_ids])
-        added = {"text_embeds": pooled.astype(dtype), "time_ids": time_ids}
+        time_ids = jnp.asarray(add_time_ids, jnp.float32)
+        added = {"text_embeds": stack_branches(branches, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+                 .astype(dtype), "time_ids": stack_branches(branches, time_ids, time_ids)}
+    plans = None if guidance is None else guidance.plans(unet, b, (lh, lw))
+    timesteps = inference_timesteps(schedule, num_inference_steps)
 
     def denoise(x, t):
-        prediction = unet(jnp.concatenate([x, x]) if cfg else x, t, context, added_cond_kwargs=added)
+        x_in = jnp.concatenate([x] * len(branches))
+        prediction = unet(x_in, t, context, added_cond_kwargs=added, plans=plans)
+        if guidance is not None:
+            return guidance.combine(prediction, step=step_index(timesteps, t), timestep=t)
         return _guide(prediction, guidance_scale, guidance_rescale) if cfg else prediction
 
     x = ddim_sample(denoise, latents.astype(dtype), schedule, num_inference_steps, eta=eta, key=key)
@@ -181,6 +193,7 @@ def sd3_generate(
     guidance_scale: float | jax.Array = 7.0,
     sigmas: jax.Array | None = None,
     num_train_timesteps: int = 1000,
+    guidance: Guidance | None = None,
 ) -> jax.Array:
     """Sample images with an SD3 / SD3.5 transformer (jit this function with the sizes,
     ``num_inference_steps`` and ``num_train_timesteps`` static).
@@ -197,6 +210,8 @@ def sd3_generate(
         sigmas: ``[N + 1]`` noise levels ending at 0; default SD3's scheduler
             (``shift=3.0`` over ``num_train_timesteps`` levels, ``SD3Scheduler.sigmas``).
         num_train_timesteps: the transformer sees timesteps ``sigma * num_train_timesteps``.
+        guidance: a ``jdpt.guidance`` method replacing the built-in CFG (as in
+            :func:`sd_generate`); its ``timestep`` is ``sigma * num_train_timesteps``.
 
     Returns:
         ``[B, height, width, 3]`` uint8 images (``vae.decode_latents``: divided by
@@ -207,18 +222,27 @@ def sd3_generate(
     lh, lw = _check_size(height, width, vae.downsample_factor, cfg_model.patch_size, "transformer's patch")
     _, latents = _initial_latents(key, latents, (b, lh, lw, cfg_model.in_channels), height, width)
     cfg = negative_prompt_embeds is not None
+    branches = ("uncond", "cond") if cfg else ("cond",)
+    if guidance is not None:
+        branches = guidance.branches
+        cfg = "uncond" in branches
     _negatives(cfg, {"prompt_embeds": (prompt_embeds, negative_prompt_embeds),
                      "pooled_prompt_embeds": (pooled_prompt_embeds, negative_pooled_prompt_embeds)})
     if sigmas is None:
         sigmas = flow_sigmas(num_inference_steps, shift=3.0, num_train_timesteps=num_train_timesteps)
     dtype = transformer.pos_embed.proj.kernel.get_value().dtype
-    context, pooled = prompt_embeds.astype(dtype), pooled_prompt_embeds.astype(dtype)
-    if cfg:
-        context = jnp.concatenate([negative_prompt_embeds.astype(dtype), context])
-        pooled = jnp.concatenate([negative_pooled_prompt_embeds.astype(dtype), pooled])
+    context = stack_branches(branches, prompt_embeds.astype(dtype),
+                             negative_prompt_embeds.astype(dtype) if cfg else None)
+    pooled = stack_branches(branches, pooled_prompt_embeds.astype(dtype),
+                            negative_pooled_prompt_embeds.astype(dtype) if cfg else None)
+    plans = None if guidance is None else guidance.plans(transformer, b, (lh, lw))
+    sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def velocity(x, sigma):
-        v = transformer(jnp.concatenate([x, x]) if cfg else x, context, pooled, sigma * num_train_timesteps)
+        t = sigma * num_train_timesteps
+        v = transformer(jnp.concatenate([x] * len(branches)), context, pooled, t, plans=plans)
+        if guidance is not None:
+            return guidance.combine(v, step=step_index(sigmas[:-1], sigma), timestep=t)
         return _guide(v, guidance_scale, 0.0) if cfg else v
 
     return to_uint8(vae.decode_latents(euler_flow(velocity, latents.astype(dtype), sigmas)))

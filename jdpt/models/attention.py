@@ -10,6 +10,14 @@ plans handed to the model, not forks of model code:
   ``(1 - u) * softmax(q k^T * scale) v + u * v`` (SoftPAG); ``u = 1`` on every head of a layer is
   PAG's identity attention, ``u = 0`` is plain attention.
 - ``return_probs``: also return the head-averaged attention probabilities ``[B, T, S]``.
+- ``query_blur`` (SEG) and ``joint_identity`` (MMDiT PAG) perturb the rows ``perturbed_rows`` of
+  the batch before the implementation runs: the queries of the image tokens are Gaussian-blurred
+  over their token grid, or the image-image block of the attention is masked to its diagonal.
+  Both need the plan's ``grid`` (:class:`TokenGrid`: the grid size and where the image tokens
+  lie in the sequence), since the attention call itself only sees a flat sequence.
+- ``shared_reference`` (StyleAligned, :class:`SharedReference`): AdaIN of queries and keys
+  towards each batch group's reference image and the reference's keys/values appended to every
+  image's own (over the ``grid`` image tokens when given, else the whole sequence).
 
 Models address layers by stable names (the diffusers module path of the attention module, e.g.
 ``"transformer_blocks.0.attn"``) and take a :class:`LayerPlans`: a default plan plus per-layer
@@ -19,14 +27,88 @@ overrides. Layers asked for probabilities store them with ``module.sow(nnx.Inter
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGrid:
+    """Where an attention call's image tokens lie in its sequence (static, hashable).
+
+    The image tokens are ``height * width`` consecutive tokens in row-major order, either at the
+    start of the sequence (``image_first=True``: UNet self-attention, SD3 joint attention
+    ``[image, text]``) or at its end (``image_first=False``: Flux ``[text, image]``).
+    """
+
+    height: int
+    width: int
+    image_first: bool = True
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"TokenGrid needs a positive height and width; got {self.height}x{self.width}")
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width
+
+    def start(self, length: int) -> int:
+        """Index of the first image token in a sequence of ``length`` tokens."""
+        if self.size > length:
+            raise ValueError(
+                f"TokenGrid {self.height}x{self.width} has {self.size} image tokens but the attention "
+                f"sequence has only {length}; give the plan this layer's token grid"
+            )
+        return 0 if self.image_first else length - self.size
+
+
+ADAIN_EPS = 1e-5  # StyleAligned: added to the variance of the AdaIN statistics (sa_handler.py)
+
+
+@struct.dataclass
+class SharedReference:
+    """StyleAligned's shared self-attention (Hertz et al., "Style Aligned Image Generation via
+    Shared Attention", CVPR 2024; google/style-aligned ``sa_handler.py``).
+
+    The batch is ``groups`` equal chunks (2 with CFG: ``[uncond 0..n-1, cond 0..n-1]``); row 0 of
+    each chunk is that chunk's reference image. On the image tokens (the plan's ``grid``; every
+    token when the plan has none) of every non-reference row:
+
+    - AdaIN of queries and keys per head and channel over the image tokens:
+      ``(x - mu_x) / sigma_x * sigma_ref + mu_ref``, ``sigma = sqrt(var + 1e-5)`` with the
+      unbiased variance (``torch.var``'s default, as the reference); values are not normalised;
+    - the reference's image keys (times ``score_scale``) and values are appended to the image's
+      keys and values; image queries attend to them with the logit bias ``score_shift``.
+
+    Reference rows are left exactly as plain attention: in the reference code they attend to a
+    duplicate of their own keys, which leaves ``softmax(.) V`` unchanged when every key is an image
+    key (any ``score_shift``); masking the duplicate keeps that property for joint text+image
+    sequences too. Text queries of a joint sequence do not see the reference keys.
+
+    Attributes:
+        score_shift: ``shared_score_shift``, added to the logits of the reference keys (traced;
+            the transfer notebook uses ``ln 2``).
+        score_scale: ``shared_score_scale``, multiplies the reference keys (traced).
+        groups: number of batch chunks, each led by its reference (static; 2 with CFG).
+        adain_queries, adain_keys, adain_values: which of q, k, v get AdaIN (static; the
+            reference's defaults True, True, False).
+    """
+
+    score_shift: Array | float = 0.0
+    score_scale: Array | float = 1.0
+    groups: int = struct.field(pytree_node=False, default=2)
+    adain_queries: bool = struct.field(pytree_node=False, default=True)
+    adain_keys: bool = struct.field(pytree_node=False, default=True)
+    adain_values: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -38,11 +120,30 @@ class AttentionPlan:
             (traced: changing values does not recompile). Requires self-attention (T == S).
         impl: name of a registered implementation (static).
         return_probs: also return head-averaged probabilities ``[B, T, S]`` (static).
+        perturbed_rows: ``[B]`` bool, the batch rows ``query_blur`` / ``joint_identity`` apply to
+            (traced; None: every row). CFG+SEG perturbs only the third chunk of its batch.
+        query_blur: SEG's Gaussian blur ``sigma`` of the image queries over ``grid`` (static;
+            Hong 2024): kernel ``ceil(6 sigma) + 1`` made odd (at most the grid side, as the
+            reference), reflect padding; ``sigma > 9999`` replaces every image query by its
+            spatial mean (infinite blur).
+        joint_identity: MMDiT PAG (diffusers ``PAGCFGJointAttnProcessor2_0``, static): image
+            queries attend only to their own key and to the non-image (text) keys; text queries
+            are unchanged. Requires self-attention over the joint sequence (T == S).
+        grid: :class:`TokenGrid` of the layer (static), required by ``query_blur`` and
+            ``joint_identity``.
+        shared_reference: StyleAligned's :class:`SharedReference` (None: off). Requires
+            self-attention (T == S); the keys become ``S + grid.size`` (``2 S`` without a grid),
+            so ``return_probs`` maps are ``[B, T, S + grid.size]``.
     """
 
     head_weight: Array | None = None
     impl: str = struct.field(pytree_node=False, default="xla")
     return_probs: bool = struct.field(pytree_node=False, default=False)
+    perturbed_rows: Array | None = None
+    query_blur: float | None = struct.field(pytree_node=False, default=None)
+    joint_identity: bool = struct.field(pytree_node=False, default=False)
+    grid: TokenGrid | None = struct.field(pytree_node=False, default=None)
+    shared_reference: SharedReference | None = None
 
 
 @struct.dataclass
@@ -174,6 +275,166 @@ def _head_weight(u: Array, batch: int, heads: int) -> Array:
     return u[:, :, None, None]
 
 
+INFINITE_BLUR = 9999.0  # SEG: sigma above this means infinite blur (every query = the mean)
+
+
+def blur_matrix(n: int, sigma: float, kernel_size: int) -> np.ndarray:
+    """``[n, n]`` matrix of a 1-D Gaussian blur with reflect padding: ``M @ x`` blurs ``x [n]``.
+
+    The kernel is SEG's (Hong 2024): ``kernel_size`` taps at ``linspace(-(k-1)/2, (k-1)/2)``,
+    ``exp(-x^2 / (2 sigma^2))`` normalised to sum 1; padding ``k // 2`` with reflection
+    (``jnp.pad(mode="reflect")``, the edge sample not repeated).
+    """
+    half = (kernel_size - 1) / 2
+    taps = np.exp(-0.5 * (np.linspace(-half, half, kernel_size) / sigma) ** 2)
+    taps = taps / taps.sum()
+    pad = kernel_size // 2
+    if pad >= n and n > 1:
+        raise ValueError(f"blur kernel of {kernel_size} taps is too wide for reflect padding of {n} tokens")
+    m = np.zeros((n, n), np.float64)
+    for i in range(n):
+        for j, tap in enumerate(taps):
+            src = i + j - pad
+            if n > 1:
+                period = 2 * (n - 1)
+                src = src % period
+                src = period - src if src >= n else src
+            else:
+                src = 0
+            m[i, src] += tap
+    return m
+
+
+def seg_kernel_size(sigma: float, side: int) -> int:
+    """SEG's kernel size: ``ceil(6 sigma) + 1`` made odd, at most ``side`` (``side + 1`` when
+    ``side`` is even), as the reference's ``gaussian_blur_2d``."""
+    size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+    return min(size, side - (side % 2 - 1))
+
+
+def _blur_queries(q: Array, sigma: float, grid: TokenGrid) -> Array:
+    """``q [B, T, H, D]`` with the image queries Gaussian-blurred over ``grid`` (fp32 math)."""
+    q = jnp.asarray(q)
+    start = grid.start(q.shape[1])
+    image = q[:, start:start + grid.size].astype(jnp.float32)
+    image = image.reshape(q.shape[0], grid.height, grid.width, *q.shape[2:])
+    if sigma > INFINITE_BLUR:
+        image = jnp.broadcast_to(image.mean(axis=(1, 2), keepdims=True), image.shape)
+    else:
+        size = seg_kernel_size(sigma, min(grid.height, grid.width))
+        mh = jnp.asarray(blur_matrix(grid.height, sigma, size), jnp.float32)
+        mw = jnp.asarray(blur_matrix(grid.width, sigma, size), jnp.float32)
+        image = jnp.einsum("ih,jw,bhwnd->bijnd", mh, mw, image, precision=jax.lax.Precision.HIGHEST)
+    image = image.reshape(q.shape[0], grid.size, *q.shape[2:]).astype(q.dtype)
+    return q.at[:, start:start + grid.size].set(image)
+
+
+def _joint_identity_mask(length: int, grid: TokenGrid) -> Array:
+    """``[T, T]`` bool: image queries see their own key and every non-image key."""
+    start = grid.start(length)
+    image = np.zeros(length, bool)
+    image[start:start + grid.size] = True
+    keep = ~(image[:, None] & image[None, :]) | np.eye(length, dtype=bool)
+    return jnp.asarray(keep)
+
+
+def _perturb_inputs(q: Array, k: Array, mask: Array | None, plan: AttentionPlan) -> tuple[Array, Array | None]:
+    """Apply the plan's SEG query blur and MMDiT identity mask to the rows ``perturbed_rows``."""
+    if plan.grid is None:
+        raise ValueError(
+            "query_blur / joint_identity need the plan's grid=TokenGrid(height, width, image_first) "
+            "(the layer's image token grid); build plans with jdpt.guidance.perturbation"
+        )
+    b = q.shape[0]
+    rows = None
+    if plan.perturbed_rows is not None:
+        rows = jnp.asarray(plan.perturbed_rows).astype(bool)
+        if rows.shape != (b,):
+            raise ValueError(f"perturbed_rows must be [B] = [{b}] booleans; got shape {tuple(rows.shape)}")
+    if plan.query_blur is not None:
+        if not plan.query_blur > 0:
+            raise ValueError(f"query_blur (SEG sigma) must be > 0; got {plan.query_blur}")
+        blurred = _blur_queries(q, float(plan.query_blur), plan.grid)
+        q = blurred if rows is None else jnp.where(rows[:, None, None, None], blurred, q)
+    if plan.joint_identity:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                "joint_identity (MMDiT PAG) needs self-attention over the joint sequence (T == S); got "
+                f"T={q.shape[1]}, S={k.shape[1]}"
+            )
+        keep = _joint_identity_mask(q.shape[1], plan.grid)[None, None]
+        if rows is not None:
+            keep = jnp.logical_or(keep, ~rows[:, None, None, None])
+        mask = keep if mask is None else jnp.logical_and(mask.astype(bool), keep)
+    return q, mask
+
+
+def _share_reference(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
+                     plan: AttentionPlan, is_causal: bool) -> tuple[Array, Array, Array, Array, Array]:
+    """StyleAligned (:class:`SharedReference`): AdaIN'd ``q, k`` and ``v``, the keys and values
+    extended by the group reference's image tokens, and the bias / mask for the extended keys."""
+    ref = plan.shared_reference
+    b, t, _, _ = q.shape
+    s = k.shape[1]
+    if plan.head_weight is not None or is_causal or t != s:
+        raise ValueError(
+            "shared_reference (StyleAligned) applies to plain self-attention (T == S, no head_weight, "
+            f"not causal); got T={t}, S={s}, head_weight={plan.head_weight is not None}, is_causal={is_causal}"
+        )
+    if ref.groups < 1 or b % ref.groups:
+        raise ValueError(
+            f"shared_reference.groups={ref.groups} must divide the batch {b} (2 with CFG: "
+            "[uncond refs+targets, cond refs+targets])"
+        )
+    n = b // ref.groups
+    ref_rows = np.arange(b) // n * n  # each row's reference row
+    is_ref = np.arange(b) % n == 0
+    start, size = (0, s) if plan.grid is None else (plan.grid.start(s), plan.grid.size)
+    image = slice(start, start + size)
+
+    def adain(x: Array) -> Array:
+        part = x[:, image].astype(jnp.float32)
+        mean = part.mean(axis=1, keepdims=True)
+        std = jnp.sqrt(part.var(axis=1, ddof=1, keepdims=True) + ADAIN_EPS)
+        styled = (part - mean) / std * std[ref_rows] + mean[ref_rows]
+        styled = jnp.where(is_ref[:, None, None, None], part, styled)
+        return x.at[:, image].set(styled.astype(x.dtype))
+
+    if ref.adain_queries:
+        q = adain(q)
+    if ref.adain_keys:
+        k = adain(k)
+    if ref.adain_values:
+        v = adain(v)
+    key_scale = jnp.where(is_ref, 1.0, jnp.asarray(ref.score_scale, jnp.float32))[:, None, None, None]
+    k = jnp.concatenate([k, (k[ref_rows, image] * key_scale).astype(k.dtype)], axis=1)
+    v = jnp.concatenate([v, v[ref_rows, image]], axis=1)
+
+    # Extra keys: seen by the image queries of non-reference rows only.
+    see_extra = (~is_ref)[:, None, None, None]
+    if plan.grid is not None:
+        image_query = np.zeros(t, bool)
+        image_query[image] = True
+        see_extra = see_extra & image_query[None, None, :, None]
+    lead = see_extra.shape[:3]
+    mask, bias = (None if x is None else jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape) for x in (mask, bias))
+    if mask is not None:
+        lead = jnp.broadcast_shapes(mask.shape[:3], lead)
+        own = jnp.broadcast_to(mask.astype(bool), (*lead, s))
+    else:
+        own = jnp.ones((*lead, s), bool)
+    mask = jnp.concatenate([own, jnp.broadcast_to(jnp.asarray(see_extra), (*lead, size))], axis=-1)
+
+    shift = jnp.asarray(ref.score_shift, jnp.float32)
+    extra_bias = jnp.concatenate([jnp.zeros((s,), jnp.float32), jnp.broadcast_to(shift, (size,))])
+    if bias is None:
+        bias = extra_bias[None, None, None]
+    else:
+        bias = jnp.broadcast_to(bias.astype(jnp.float32), (*bias.shape[:3], s))
+        bias = jnp.concatenate([bias, jnp.zeros((*bias.shape[:3], size), jnp.float32)], axis=-1) + extra_bias
+    return q, k, v, bias, mask
+
+
 def attention(
     q: Array,
     k: Array,
@@ -217,6 +478,10 @@ def attention(
             "head_weight (SoftPAG/PAG perturbation) needs self-attention (T == S); this call has "
             f"T={q.shape[1]} queries and S={k.shape[1]} keys. Perturb self-attention layers only."
         )
+    if plan.query_blur is not None or plan.joint_identity:
+        q, mask = _perturb_inputs(q, k, mask, plan)
+    if plan.shared_reference is not None:
+        q, k, v, bias, mask = _share_reference(q, k, v, bias, mask, plan, is_causal)
     try:
         fn = _IMPLEMENTATIONS[plan.impl]
     except KeyError:

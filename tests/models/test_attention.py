@@ -111,8 +111,8 @@ def test_errors_name_the_problem():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"no attention layer.*blocks\.0"):
         plan_layers(["blocks.0.attn"], r"mid\..*", AttentionPlan())
-    with pytest.raises(ValueError, match="unknown attention implementation 'pallas'.*xla"):
-        attention(q, k, v, plan=AttentionPlan(impl="pallas"))
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash9'.*pallas.*xla"):
+        attention(q, k, v, plan=AttentionPlan(impl="flash9"))
     with pytest.raises(ValueError, match=r"head_weight must have shape \[H\] = \[3\]"):
         attention(q, k, v, plan=AttentionPlan(head_weight=jnp.ones(4)))
     q2, k2, v2 = _qkv(t=3, s=5)

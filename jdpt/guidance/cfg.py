@@ -1,0 +1,182 @@
+"""Classifier-free guidance (Ho & Salimans 2022) and CFG-Zero* (Fan et al. 2025), and the
+:class:`Guidance` interface through which the pipelines let a guidance method drive each step.
+
+A guidance method is (1) the *branches* of the batched forward, a tuple over ``"uncond"``,
+``"cond"`` and ``"perturbed"`` (the pipeline stacks the latents once per branch, with the
+negative prompt for ``"uncond"`` and the prompt for the others), (2) attention *plans* for that
+batch (``None`` for CFG; PAG/SEG perturb only the ``"perturbed"`` rows, see
+:mod:`jdpt.guidance.perturbation`) and (3) a *combination rule* over the stacked predictions.
+
+All combinations compute in fp32 and return fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jdpt.models.attention import LayerPlans
+
+Array = jax.Array
+
+BRANCHES = ("uncond", "cond", "perturbed")
+
+
+class Guidance(Protocol):
+    """What a pipeline needs from a guidance method (a pytree: pass it through ``jax.jit``).
+
+    Attributes:
+        branches: the chunks of the batched forward, in order, each one of ``BRANCHES``.
+    """
+
+    branches: tuple[str, ...]
+
+    def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
+        """Attention plans for a forward over ``len(branches) * batch`` rows (branch-major) of
+        latents of spatial size ``latent_size`` (the denoiser's input ``[H, W]``)."""
+        ...
+
+    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        """``[len(branches) * B, ...]`` predictions -> guided ``[B, ...]`` fp32 prediction.
+
+        ``step`` is the int32 index of the denoising step (0 first), ``timestep`` the model's
+        timestep in ``[0, 1000]`` (``sigma * 1000`` for flow models).
+        """
+        ...
+
+
+def split_branches(predictions: Array, branches: tuple[str, ...]) -> dict[str, Array]:
+    """``[n * B, ...]`` branch-major predictions -> ``{branch: [B, ...] fp32}``."""
+    n = len(branches)
+    if predictions.shape[0] % n:
+        raise ValueError(
+            f"predictions have {predictions.shape[0]} rows, not a multiple of the {n} branches {branches}"
+        )
+    chunks = jnp.split(predictions.astype(jnp.float32), n)
+    return dict(zip(branches, chunks))
+
+
+def rescale_guided(guided: Array, cond: Array, rescale: float | Array) -> Array:
+    """Lin et al. 2024 (Common Diffusion Noise Schedules...) guidance rescale, diffusers'
+    ``rescale_noise_cfg``: blend ``guided`` with itself scaled to ``cond``'s per-sample std.
+
+    guided, cond: ``[B, ...]``; rescale: ``phi`` in [0, 1] (0: off).
+    """
+    if isinstance(rescale, (int, float)) and rescale == 0:
+        return guided  # off (also where std(guided) = 0, which would make the ratio NaN)
+    axes = tuple(range(1, guided.ndim))
+    ratio = jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True)
+    return rescale * guided * ratio + (1 - rescale) * guided
+
+
+def cfg(e_u: Array, e_c: Array, w: float | Array, rescale: float | Array = 0.0) -> Array:
+    """Classifier-free guidance, diffusers' form ``e_u + w (e_c - e_u)`` (the paper's
+    ``e_c + w' (e_c - e_u)`` is ``w = w' + 1``), with optional guidance rescale.
+
+    e_u, e_c: ``[B, ...]`` unconditional / conditional predictions. Returns ``[B, ...]`` fp32.
+    """
+    e_u, e_c = jnp.asarray(e_u, jnp.float32), jnp.asarray(e_c, jnp.float32)
+    _same_shape(e_u, e_c)
+    guided = e_u + w * (e_c - e_u)
+    return rescale_guided(guided, e_c, rescale)
+
+
+def cfg_zero_star_scale(v_c: Array, v_u: Array, eps: float = 1e-8) -> Array:
+    """CFG-Zero*'s optimised scale ``s* = <v_c, v_u> / (||v_u||^2 + eps)`` per sample (fp32),
+    the projection coefficient of ``v_c`` on ``v_u`` over the flattened sample.
+
+    v_c, v_u: ``[B, ...]``. Returns ``[B]`` fp32.
+    """
+    v_c, v_u = jnp.asarray(v_c, jnp.float32), jnp.asarray(v_u, jnp.float32)
+    _same_shape(v_u, v_c)
+    v_c, v_u = v_c.reshape(v_c.shape[0], -1), v_u.reshape(v_u.shape[0], -1)
+    return jnp.sum(v_c * v_u, axis=1) / (jnp.sum(v_u * v_u, axis=1) + eps)
+
+
+def cfg_zero_star(v_u: Array, v_c: Array, w: float | Array, step: int | Array, zero_steps: int | Array = 1,
+                  rescale: float | Array = 0.0) -> Array:
+    """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow
+    Matching Models"): ``v = s* v_u + w (v_c - s* v_u)`` with ``s*`` from
+    :func:`cfg_zero_star_scale`, and zero-init: the output is 0 while ``step < zero_steps``.
+
+    ``zero_steps`` counts zeroed steps (diffusers guider's ``zero_init_steps``, default 1); the
+    authors' ``zero_steps = k`` (zero while ``i <= k``) is ``k + 1`` here. With Euler flow
+    sampling a zero velocity leaves the latent unchanged.
+
+    v_u, v_c: ``[B, ...]``; step: the step index (0 first). Returns ``[B, ...]`` fp32.
+    """
+    v_u, v_c = jnp.asarray(v_u, jnp.float32), jnp.asarray(v_c, jnp.float32)
+    s = cfg_zero_star_scale(v_c, v_u).reshape(-1, *(1,) * (v_u.ndim - 1))
+    scaled = s * v_u
+    guided = rescale_guided(scaled + w * (v_c - scaled), v_c, rescale)
+    return jnp.where(jnp.asarray(step) < zero_steps, jnp.zeros_like(guided), guided)
+
+
+@struct.dataclass
+class CFG:
+    """Classifier-free guidance (Ho & Salimans 2022), diffusers' scale convention.
+
+    Attributes:
+        scale: ``w`` (SD default 7.5); traced.
+        rescale: guidance rescale ``phi`` (Lin et al. 2024; 0: off); traced.
+    """
+
+    scale: float | Array = 7.5
+    rescale: float | Array = 0.0
+    branches: tuple[str, ...] = struct.field(pytree_node=False, default=("uncond", "cond"))
+
+    def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
+        return None
+
+    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        p = split_branches(predictions, self.branches)
+        return cfg(p["uncond"], p["cond"], self.scale, self.rescale)
+
+
+@struct.dataclass
+class CFGZeroStar:
+    """CFG-Zero* (Fan et al. 2025): optimised scale and zero-init (see :func:`cfg_zero_star`).
+
+    Attributes:
+        scale: ``w`` (diffusers guider default 7.5); traced.
+        zero_steps: number of initial steps whose prediction is zeroed (1 = the authors' code
+            default, only the first step; the README suggests ~4% of the steps); traced.
+        rescale: guidance rescale ``phi`` (0: off); traced.
+    """
+
+    scale: float | Array = 7.5
+    zero_steps: int | Array = 1
+    rescale: float | Array = 0.0
+    branches: tuple[str, ...] = struct.field(pytree_node=False, default=("uncond", "cond"))
+
+    def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
+        return None
+
+    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        p = split_branches(predictions, self.branches)
+        return cfg_zero_star(p["uncond"], p["cond"], self.scale, step, self.zero_steps, self.rescale)
+
+
+def _same_shape(a: Array, b: Array) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"guidance predictions must have the same shape; got {a.shape} and {b.shape}")
+
+
+def stack_branches(branches: tuple[str, ...], positive: Array, negative: Array | None) -> Array:
+    """The conditioning of a branch-major batch: ``negative`` for ``"uncond"``, ``positive`` for
+    ``"cond"`` and ``"perturbed"``; ``[len(branches) * B, ...]``."""
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown or not branches:
+        raise ValueError(f"guidance branches must be a non-empty tuple over {BRANCHES}; got {branches}")
+    if "uncond" in branches and negative is None:
+        raise ValueError(f"guidance with branches {branches} needs the negative (unconditional) prompt embeddings")
+    return jnp.concatenate([negative if b == "uncond" else positive for b in branches])
+
+
+def step_index(levels: Array, level: Array) -> Array:
+    """Index of the step at ``level`` in the decreasing ``levels`` ``[N]`` (timesteps or sigmas
+    of the steps, in order): the number of levels above it, int32."""
+    return jnp.sum(jnp.asarray(levels) > level).astype(jnp.int32)

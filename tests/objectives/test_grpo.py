@@ -1,0 +1,189 @@
+"""Flow-GRPO: the SDE step against the spec's formula in NumPy, the KL term, the loss against a
+plain per-step loop on a toy model, the Fast variant's window, and one online iteration on a tiny
+Shapes world."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jdpt.diffusion.samplers import flow_sde_step, flow_sde_step_logprob, gaussian_log_prob
+from jdpt.objectives.advantages import group_advantages
+from jdpt.objectives.denoiser import world_velocity
+from jdpt.objectives.grpo import FlowGRPO, mean_kl
+from jdpt.parallel import make_mesh, make_train_step
+from jdpt.parallel.step import Frozen
+from jdpt.rewards.compressibility import jpeg_compressibility
+from tests.objectives.test_ddpo import PROMPTS, _fast_compiles, perturb, tiny_world, world_cond, world_images
+
+__all__ = ["_fast_compiles"]  # the module-scoped fixture applies here too
+
+
+def np_sde_step(v, x, sigma, sigma_next, sigma_max, a):
+    """The spec's Flow-GRPO step (sd3_sde_with_logprob), fp64."""
+    dt = sigma_next - sigma
+    s = a * math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma)))
+    mean = x + (v + s**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    return mean, s * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.6])
+def test_sde_step_and_logprob_closed_form(sigma):
+    rng = np.random.default_rng(0)
+    x, v = rng.normal(size=(2, 6, 3)), rng.normal(size=(2, 6, 3))
+    eps = rng.normal(size=(2, 6, 3))
+    mean, std = flow_sde_step(jnp.asarray(v, jnp.float32), jnp.asarray(x, jnp.float32), sigma, sigma - 0.25,
+                              sigma_max=0.9, noise_level=0.7)
+    want_mean, want_std = np_sde_step(v, x, sigma, sigma - 0.25, 0.9, 0.7)
+    np.testing.assert_allclose(np.asarray(mean), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(np.asarray(std).reshape(-1)[0]), want_std, rtol=1e-6)
+    # known eps => logp = mean(-eps²/2) - log std - log sqrt(2 pi)
+    x_next = want_mean + want_std * eps
+    got = gaussian_log_prob(jnp.asarray(x_next, jnp.float32), mean, std)
+    want = np.mean(-(eps**2) / 2, axis=(1, 2)) - math.log(want_std) - 0.5 * math.log(2 * math.pi)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)  # x_next rounded to fp32
+
+
+def test_zero_noise_level_is_the_euler_step():
+    rng = np.random.default_rng(1)
+    x, v = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32), jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    mean, std = flow_sde_step(v, x, 0.7, 0.4, sigma_max=0.9, noise_level=0.0)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(x + v * (0.4 - 0.7)), rtol=1e-6, atol=1e-7)
+    assert float(np.max(std)) == 0.0
+
+
+def test_mean_kl_matches_numpy():
+    rng = np.random.default_rng(2)
+    mean, ref = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 4, 2))
+    std = np.array([0.5, 0.1, 0.0])
+    got = mean_kl(jnp.asarray(mean, jnp.float32), jnp.asarray(ref, jnp.float32), jnp.asarray(std)[:, None, None])
+    want = np.mean((mean - ref) ** 2, axis=(1, 2))[:2] / (2 * std[:2] ** 2)
+    np.testing.assert_allclose(np.asarray(got)[:2], want, rtol=1e-5)
+    assert float(got[2]) == 0.0  # deterministic transitions carry no KL
+
+
+# ---------------------------------------------------------------- loss vs a plain loop (toy model)
+
+
+def toy_velocity(model, x, sigma, cond):
+    return model(x) * cond["s"][:, None, None]
+
+
+@functools.cache
+def toy_setup(window: int | None = None):
+    model = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    objective = FlowGRPO(toy_velocity, num_steps=6, shift=1.0, cfg_scale=1.0, timestep_fraction=0.99,
+                         sde_window_size=window)
+    cond = {"s": jnp.linspace(0.5, 1.0, 4)}
+    noise = jax.random.normal(jax.random.key(0), (4, 5, 3))
+    batch, x0 = objective.rollout(model, cond, noise, jax.random.key(1))
+    batch["advantages"] = jnp.asarray(group_advantages([0.1, 0.9, 0.3, 0.2], 2))
+    return objective, graphdef, params, rest, batch
+
+
+def test_rollout_records_the_trained_transitions():
+    objective, graphdef, params, rest, batch = toy_setup()
+    assert objective.num_train == 5 and batch["x_t"].shape == (4, 5, 5, 3)  # int(6 * 0.99) = 5 of 6 steps
+    sigmas = objective.sigmas()
+    np.testing.assert_allclose(np.asarray(batch["sigma"][0]), sigmas[:5])
+    model = nnx.merge(graphdef, params, rest)
+    for j in range(5):  # logp_old re-evaluated by the sampler's own step function (rtol: fp32 rounding)
+        v = toy_velocity(model, batch["x_t"][:, j], None, batch["cond"])
+        logp = flow_sde_step_logprob(v, batch["x_t"][:, j], batch["x_next"][:, j], batch["sigma"][:, j],
+                                     batch["sigma_next"][:, j], sigma_max=sigmas[1], noise_level=0.7)
+        np.testing.assert_allclose(np.asarray(logp), np.asarray(batch["logp_old"][:, j]), rtol=1e-4, atol=1e-5)
+
+
+def test_fast_variant_trains_only_its_window():
+    objective, _, _, _, batch = toy_setup(window=2)
+    lo, hi = objective.window_range
+    assert (lo, hi) == (0, 3) and batch["x_t"].shape == (4, 2, 5, 3)
+    sigmas = objective.sigmas()
+    start = int(np.flatnonzero(np.isclose(sigmas, float(batch["sigma"][0, 0])))[0])
+    assert lo <= start <= hi - 2
+    np.testing.assert_allclose(np.asarray(batch["sigma"][0]), sigmas[start:start + 2])
+    assert np.all(np.asarray(batch["logp_old"]) != 0)  # SDE (noisy) steps, not ODE ones
+    rollout = jax.jit(lambda key: objective.rollout(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), batch["cond"],
+                                                    jnp.zeros((4, 5, 3)), key)[0]["sigma"][0, 0])
+    starts = {float(rollout(jax.random.key(seed))) for seed in range(6)}
+    assert len(starts) > 1  # the window moves between rollouts
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_flow_grpo_loss_and_gradient_match_plain_loop(beta):
+    objective, graphdef, params, rest, batch = toy_setup()
+    objective = FlowGRPO(toy_velocity, num_steps=6, shift=1.0, cfg_scale=1.0, beta=beta)
+    reference = perturb(params, 0.1, 5)
+    frozen = Frozen(graphdef, rest, {"reference": reference})
+    new = perturb(params, 0.02, 6)
+    sigma_max = float(objective.sigmas()[1])
+
+    def ours(p):
+        return objective.loss(p, frozen, batch, jax.random.key(0))
+
+    def plain(p):
+        policy, ref = nnx.merge(graphdef, p, rest), nnx.merge(graphdef, reference, rest)
+        logps, kls = [], []
+        for j in range(batch["logp_old"].shape[1]):
+            x, xn, s, sn = (batch[k][:, j] for k in ("x_t", "x_next", "sigma", "sigma_next"))
+            mean, std = flow_sde_step(toy_velocity(policy, x, None, batch["cond"]), x, s, sn, sigma_max=sigma_max)
+            mean_ref, _ = flow_sde_step(toy_velocity(ref, x, None, batch["cond"]), x, s, sn, sigma_max=sigma_max)
+            logps.append(gaussian_log_prob(xn, mean, std))
+            kls.append(jnp.mean((mean - mean_ref) ** 2, axis=(1, 2)) / (2 * std.reshape(-1) ** 2))
+        logp = jnp.stack(logps, 1)
+        adv = jnp.clip(batch["advantages"], -5, 5)[:, None]
+        ratio = jnp.exp(logp - batch["logp_old"])
+        policy_loss = jnp.mean(jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - 1e-4, 1 + 1e-4)))
+        return policy_loss + beta * jnp.mean(jnp.stack(kls)), jnp.mean(jnp.stack(kls))
+
+    loss, metrics = ours(new)
+    want, kl = plain(new)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    if beta:
+        np.testing.assert_allclose(float(metrics["kl"]), float(kl), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 jax.grad(lambda p: ours(p)[0])(new), jax.grad(lambda p: plain(p)[0])(new))
+
+
+def test_bad_settings_and_batches_are_errors():
+    objective, graphdef, params, rest, batch = toy_setup()
+    with pytest.raises(ValueError, match="sde_window_size=4 must fit in sde_window_range=\\(0, 3\\)"):
+        FlowGRPO(toy_velocity, num_steps=6, sde_window_size=4)
+    with pytest.raises(ValueError, match="noise_level=0"):
+        FlowGRPO(toy_velocity, noise_level=0)
+    with pytest.raises(ValueError, match=r"batch\['sigma'\] has shape"):
+        objective.loss(params, Frozen(graphdef, rest), {**batch, "sigma": batch["sigma"][:, :1]}, jax.random.key(0))
+    with pytest.raises(ValueError, match="this objective needs a reference model"):
+        objective.loss(params, Frozen(graphdef, rest), batch, jax.random.key(0))
+
+
+# ---------------------------------------------------------------- online iteration on the tiny world
+
+
+def test_flow_grpo_online_iteration_on_tiny_world():
+    model = tiny_world()
+    objective = FlowGRPO(world_velocity, num_steps=2, shift=1.0, cfg_scale=1.0, timestep_fraction=1.0)
+    init_state, step = make_train_step(objective, optax.adam(1e-2), make_mesh(), model=model, trainable="lora")
+    state = init_state(model)
+    prompts = [p for p in PROMPTS for _ in range(2)]  # G = 2 samples per prompt, consecutive
+    cond, _ = world_cond(model, prompts)
+    noise = jax.random.normal(jax.random.key(0), (8, 64, 4 * model.config.codec().latent_channels))
+    rollout = jax.jit(lambda params, frozen, cond, noise, key: objective.rollout(frozen.model(params), cond, noise, key))
+    batch, x0 = jax.device_get(rollout(state.params, state.frozen, cond, noise, jax.random.key(1)))
+    batch["advantages"] = group_advantages(jpeg_compressibility(world_images(model, x0)), 2)
+    np.testing.assert_allclose(batch["advantages"].reshape(4, 2).sum(axis=1), 0.0, atol=1e-5)
+    state, first = step(state, batch, jax.random.key(2))
+    state, second = step(state, batch, jax.random.key(3))
+    # r = 1 and KL = 0 at init (tolerances: fp32 re-evaluation; XLA fusion of the zero adapters)
+    assert float(first["clipfrac"]) == 0.0 and abs(float(first["ratio"]) - 1) < 1e-5
+    assert float(first["kl"]) < 1e-10
+    np.testing.assert_allclose(float(first["loss"]), -np.clip(batch["advantages"], -5, 5).mean(), atol=1e-4)
+    assert np.isfinite(float(second["loss"])) and float(second["kl"]) > 0

@@ -2,7 +2,8 @@
 ``~/.cache/jdpt``), one folder per preset, trained once and reused.
 
 A model folder holds ``world.json`` (the world and training configs, the pretraining history and
-its evaluation) beside ``text_encoder/`` and ``transformer/`` (``jdpt.weights.save`` checkpoints).
+its evaluation) beside ``text_encoder/`` and the denoiser, ``transformer/`` (Flux) or ``unet/``
+(``jdpt.weights.save`` checkpoints).
 A folder written for another configuration is never trained over: loading it raises an error that
 names the differing settings.
 """
@@ -20,16 +21,26 @@ from typing import Any
 from jdpt.weights import checkpoint
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel
 from jdpt.world.pretraining import PretrainConfig
+from jdpt.world.unet_model import UNetWorldConfig, UNetWorldModel
+
+World = WorldConfig | UNetWorldConfig
+Model = WorldModel | UNetWorldModel
+_ARCHS: dict[str, tuple[type, type]] = {"flux": (WorldConfig, WorldModel), "unet": (UNetWorldConfig, UNetWorldModel)}
 
 FORMAT = "jdpt-shapes-world-1"
 META = "world.json"
 
-PRESETS: dict[str, tuple[WorldConfig, PretrainConfig]] = {
+PRESETS: dict[str, tuple[World, PretrainConfig]] = {
     # The README's base model: ~15 minutes on 2 CPU cores.
     "default": (WorldConfig(), PretrainConfig()),
     # CI's reduced pretraining: under 2 minutes on 2 CPU cores, still clearly above chance.
     "ci": (WorldConfig(width=64, heads=2, text_layers=1, double_layers=1, single_layers=1),
            PretrainConfig(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=30)),
+    # The UNet-family base model (eps-prediction DDPM): the SD-style methods' ground.
+    "unet": (UNetWorldConfig(), PretrainConfig(steps=1000)),
+    # Its CI size.
+    "unet-ci": (UNetWorldConfig(width=64, heads=2, text_layers=1, block_out_channels=(32, 64)),
+                PretrainConfig(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=30)),
 }
 
 
@@ -47,11 +58,19 @@ def model_dir(preset: str, root: str | Path | None = None) -> Path:
     return Path(root if root is not None else cache_root()) / "shapes" / preset
 
 
-def describe(world: WorldConfig, train: PretrainConfig) -> dict[str, Any]:
+def world_from_dict(raw: dict[str, Any]) -> World:
+    """A world config from its ``to_dict`` form (folders written before ``arch`` existed: Flux)."""
+    arch = raw.get("arch", "flux")
+    if arch not in _ARCHS:
+        raise CacheError(f"unknown model architecture {arch!r}; jdpt knows {sorted(_ARCHS)}")
+    return _ARCHS[arch][0].from_dict(raw)
+
+
+def describe(world: World, train: PretrainConfig) -> dict[str, Any]:
     return {"world": world.to_dict(), "pretrain": dataclasses.asdict(train)}
 
 
-def save_model(model: WorldModel, directory: str | Path, *, train: PretrainConfig, info: dict) -> Path:
+def save_model(model: Model, directory: str | Path, *, train: PretrainConfig, info: dict) -> Path:
     """Write ``model`` and ``world.json`` to ``directory`` atomically (a crash leaves no half
     checkpoint behind: it is written beside the target and renamed into place)."""
     directory = Path(directory).absolute()
@@ -61,7 +80,8 @@ def save_model(model: WorldModel, directory: str | Path, *, train: PretrainConfi
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         checkpoint.save(model.text_encoder, tmp / "text_encoder", overwrite=True)
-        checkpoint.save(model.transformer, tmp / "transformer", overwrite=True)
+        name = model.denoiser_name
+        checkpoint.save(getattr(model, name), tmp / name, overwrite=True)
         meta = {"format": FORMAT, **describe(model.config, train), **info}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.rename(directory)
@@ -81,13 +101,15 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(directory: str | Path) -> tuple[WorldModel, dict[str, Any]]:
+def load_model(directory: str | Path) -> tuple[Model, dict[str, Any]]:
     """Restore a model folder written by :func:`save_model`; returns it and its ``world.json``."""
     directory = Path(directory)
     meta = read_meta(directory)
-    world = WorldConfig.from_dict(meta["world"])
-    model = WorldModel(world, rngs=None, text_encoder=checkpoint.restore(directory / "text_encoder"),
-                       transformer=checkpoint.restore(directory / "transformer"))
+    world = world_from_dict(meta["world"])
+    model_class = _ARCHS[world.arch][1]
+    name = model_class.denoiser_name
+    model = model_class(world, rngs=None, text_encoder=checkpoint.restore(directory / "text_encoder"),
+                        **{name: checkpoint.restore(directory / name)})
     return model, meta
 
 
@@ -117,8 +139,8 @@ def check_writable(directory: Path) -> None:
 
 
 def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, progress: bool = True,
-               world: WorldConfig | None = None, train: PretrainConfig | None = None
-               ) -> tuple[WorldModel, dict[str, Any]]:
+               world: World | None = None, train: PretrainConfig | None = None
+               ) -> tuple[Model, dict[str, Any]]:
     """The pretrained Shapes-world model of ``preset``: loaded from the cache, or pretrained
     (with a progress bar), evaluated and cached on first use.
 
@@ -134,7 +156,7 @@ def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, 
     directory = model_dir(preset, cache_dir)
     if (directory / META).exists():
         stored = read_meta(directory)
-        diff = _differences(describe(WorldConfig.from_dict(stored["world"]), PretrainConfig(**stored["pretrain"])),
+        diff = _differences(describe(world_from_dict(stored["world"]), PretrainConfig(**stored["pretrain"])),
                             describe(world, train))
         if diff:
             raise CacheError(

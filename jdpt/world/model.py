@@ -10,7 +10,7 @@ scene is 64 tokens of ``12 * pixel_factor**2`` channels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from jdpt.data.shapes import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, ShapesConfig
 from jdpt.diffusion.pipeline import flux_generate
 from jdpt.diffusion.schedules import flow_sigmas
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
-from jdpt.models.flux import FluxConfig, FluxTransformer, image_ids
+from jdpt.models.flux import FluxConfig, FluxTransformer, image_ids, pack_latents
 from jdpt.models.pixels import PixelCodec
 
 
@@ -48,6 +48,7 @@ class WorldConfig:
         shift: static shift of the sampling schedule (1.0 = the plain linear grid).
     """
 
+    arch: ClassVar[str] = "flux"
     shapes: ShapesConfig = ShapesConfig()
     width: int = 128
     heads: int = 4
@@ -97,16 +98,22 @@ class WorldConfig:
         return PixelCodec(factor=self.pixel_factor)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"arch": self.arch, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> WorldConfig:
+        raw = {k: v for k, v in raw.items() if k != "arch"}
         shapes = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["shapes"].items()}
         return cls(**{**raw, "shapes": ShapesConfig(**shapes)})
+
+    def build(self, rngs: nnx.Rngs) -> WorldModel:
+        return WorldModel(self, rngs=rngs)
 
 
 class WorldModel(nnx.Module):
     """Text tower + Flux + pixel codec. ``__call__`` predicts the flow velocity of packed tokens."""
+
+    denoiser_name = "transformer"
 
     def __init__(self, config: WorldConfig, *, rngs: nnx.Rngs,
                  text_encoder: CLIPTextModel | None = None, transformer: FluxTransformer | None = None):
@@ -129,6 +136,16 @@ class WorldModel(nnx.Module):
         """Velocity ``[B, N, C]`` of packed noisy tokens at noise level ``sigma`` ``[B]``."""
         return self.transformer(tokens, context, pooled, sigma, image_ids(*self.latent_size),
                                 jnp.zeros((context.shape[1], 3), jnp.float32), plans=plans)
+
+    def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
+        """Rectified-flow loss on uint8 scenes ``[B, H, W, 3]``, ``sigma ~ logit-normal(0, 1)``."""
+        x0 = pack_latents(self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
+        k_t, k_eps = jax.random.split(key)
+        t = jax.nn.sigmoid(jax.random.normal(k_t, (x0.shape[0],)))
+        eps = jax.random.normal(k_eps, x0.shape)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        context, pooled = self.encode_prompts(input_ids)
+        return jnp.mean((self(x_t, t, context, pooled) - (eps - x0)) ** 2)
 
     def generate(self, input_ids: jax.Array, key: jax.Array, *, steps: int = SAMPLING_STEPS,
                  cfg_scale: float = CFG_SCALE, latents: jax.Array | None = None) -> jax.Array:

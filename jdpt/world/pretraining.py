@@ -14,14 +14,12 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from jdpt.data.shapes import CATEGORIES, Prompt, as_rng, sample_pairs, sample_prompts
-from jdpt.models.flux import pack_latents
 from jdpt.rewards.verifier import Verdict, verify
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel, empty_prompt, make_sampler
 
@@ -70,14 +68,7 @@ class PretrainConfig:
 
 def flow_matching_loss(model: WorldModel, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
     """Rectified-flow loss of ``model`` on uint8 scenes ``[B, H, W, 3]`` and their token ids."""
-    x0 = pack_latents(model.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
-    k_t, k_eps = jax.random.split(key)
-    t = jax.nn.sigmoid(jax.random.normal(k_t, (x0.shape[0],)))
-    eps = jax.random.normal(k_eps, x0.shape)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-    context, pooled = model.encode_prompts(input_ids)
-    v = model(x_t, t, context, pooled)
-    return jnp.mean((v - (eps - x0)) ** 2)
+    return model.training_loss(input_ids, images, key)
 
 
 def make_pretrain_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
@@ -90,7 +81,7 @@ def make_pretrain_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
         params, opt_state = state
 
         def loss_fn(p):
-            return flow_matching_loss(nnx.merge(graphdef, p), batch["input_ids"], batch["images"], batch["key"])
+            return nnx.merge(graphdef, p).training_loss(batch["input_ids"], batch["images"], batch["key"])
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -107,7 +98,7 @@ def pretrain(world: WorldConfig, train: PretrainConfig, *, progress: bool = True
     Scenes are rendered on the host while the previous step runs (JAX dispatch is asynchronous);
     the loss is read back every ``log_every`` steps only.
     """
-    model = WorldModel(world, rngs=nnx.Rngs(train.seed))
+    model = world.build(nnx.Rngs(train.seed))
     graphdef, params = nnx.split(model)
     optimizer = train.optimizer()
     state = (params, optimizer.init(params))

@@ -1,6 +1,6 @@
 """jdpt: post-training for diffusion and flow-matching image models in JAX/Flax."""
 
-from jdpt import data, diffusion, models, parallel, rewards, train, weights, world
+from jdpt import data, diffusion, guidance, kernels, models, objectives, parallel, rewards, train, weights, world
 from jdpt.models import from_diffusers
 from jdpt.models.attention import AttentionPlan, LayerPlans, attention, plan_layers
 
@@ -13,7 +13,10 @@ __all__ = [
     "data",
     "diffusion",
     "from_diffusers",
+    "guidance",
+    "kernels",
     "models",
+    "objectives",
     "parallel",
     "plan_layers",
     "rewards",

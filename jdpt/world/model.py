@@ -34,6 +34,23 @@ SAMPLING_STEPS = 20
 CFG_SCALE = 1.0
 
 
+def text_tower_config(shapes: ShapesConfig, width: int, heads: int, layers: int) -> CLIPTextConfig:
+    """The Shapes world's CLIP text tower: its vocabulary, ``PROMPT_TOKENS`` positions."""
+    return CLIPTextConfig(
+        vocab_size=len(vocabulary(shapes)), hidden_size=width, intermediate_size=2 * width,
+        projection_dim=None, num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=PROMPT_TOKENS, hidden_act="gelu", pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+    )
+
+
+def config_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """A world config's ``to_dict`` form back to constructor arguments (JSON lists -> tuples)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k not in ("arch", "shapes")}
+    shapes = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["shapes"].items()}
+    return {**fields, "shapes": ShapesConfig(**shapes)}
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Sizes of the Shapes-world model (text tower and Flux share the width).
@@ -76,12 +93,7 @@ class WorldConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {1 if name == 'text_layers' else 0}")
 
     def text_config(self) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(vocabulary(self.shapes)), hidden_size=self.width,
-            intermediate_size=2 * self.width, projection_dim=None, num_hidden_layers=self.text_layers,
-            num_attention_heads=self.heads, max_position_embeddings=PROMPT_TOKENS, hidden_act="gelu",
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        )
+        return text_tower_config(self.shapes, self.width, self.heads, self.text_layers)
 
     def flux_config(self) -> FluxConfig:
         head_dim = self.width // self.heads
@@ -102,9 +114,7 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> WorldConfig:
-        raw = {k: v for k, v in raw.items() if k != "arch"}
-        shapes = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["shapes"].items()}
-        return cls(**{**raw, "shapes": ShapesConfig(**shapes)})
+        return cls(**config_fields(raw))
 
     def build(self, rngs: nnx.Rngs) -> WorldModel:
         return WorldModel(self, rngs=rngs)

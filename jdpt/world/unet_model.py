@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpt.data.shapes import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, ShapesConfig, tokenize, vocabulary
+from jdpt.data.shapes import PROMPT_TOKENS, ShapesConfig, tokenize
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
 from jdpt.diffusion.sd_pipeline import sd_generate
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
 from jdpt.models.pixels import PixelCodec
 from jdpt.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from jdpt.world.model import empty_prompt
+from jdpt.world.model import config_fields, empty_prompt, text_tower_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +73,7 @@ class UNetWorldConfig:
         return min(32, self.block_out_channels[0] // 4)
 
     def text_config(self) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(vocabulary(self.shapes)), hidden_size=self.width,
-            intermediate_size=2 * self.width, projection_dim=None, num_hidden_layers=self.text_layers,
-            num_attention_heads=self.heads, max_position_embeddings=PROMPT_TOKENS, hidden_act="gelu",
-            pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        )
+        return text_tower_config(self.shapes, self.width, self.heads, self.text_layers)
 
     def unet_config(self) -> UNet2DConditionConfig:
         levels = len(self.block_out_channels)
@@ -104,10 +99,7 @@ class UNetWorldConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> UNetWorldConfig:
-        raw = {k: v for k, v in raw.items() if k != "arch"}
-        shapes = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["shapes"].items()}
-        return cls(**{**raw, "shapes": ShapesConfig(**shapes),
-                      "block_out_channels": tuple(raw["block_out_channels"])})
+        return cls(**config_fields(raw))
 
     def build(self, rngs: nnx.Rngs) -> UNetWorldModel:
         return UNetWorldModel(self, rngs=rngs)

@@ -637,12 +637,14 @@ def pallas_attention(
     is_causal: bool = False,
     scale: float | None = None,
     return_probs: bool = False,
+    joint_text: tuple[int, int] | None = None,
     **plan_fields,
 ) -> tuple[Array, None]:
     """The ``"pallas"`` implementation of :func:`jdpt.models.attention.attention`.
 
-    Same semantics as :func:`jdpt.models.attention.xla_attention` for what it supports; every
-    other feature raises ``NotImplementedError`` naming the fix instead of falling back.
+    Same semantics as :func:`jdpt.models.attention.xla_attention` for what it supports, plus a
+    plan's MMDiT identity mode (``joint_text``: the text span, see :func:`perturbed_attention`);
+    every other feature raises ``NotImplementedError`` naming the fix instead of falling back.
     """
     unsupported = []
     if bias is not None:
@@ -658,10 +660,10 @@ def pallas_attention(
             f"the pallas attention kernel does not support {', '.join(unsupported)}; "
             "use AttentionPlan(impl='xla') for this layer"
         )
-    return perturbed_attention(q, k, v, head_weight, scale=scale, is_causal=is_causal), None
+    return perturbed_attention(q, k, v, head_weight, scale=scale, text=joint_text, is_causal=is_causal), None
 
 
-register_implementation("pallas", pallas_attention)
+register_implementation("pallas", pallas_attention, joint_identity=True)
 
 
 def attention_flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int) -> float:

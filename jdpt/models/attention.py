@@ -197,15 +197,23 @@ def resolve_plan(plans: LayerPlans | AttentionPlan | None, name: str) -> Attenti
 
 AttentionFn = Callable[..., tuple[Array, Array | None]]
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {}
+_NATIVE_JOINT: set[str] = set()  # implementations taking joint_text=(start, length) themselves
 
 
-def register_implementation(name: str, fn: AttentionFn) -> None:
+def register_implementation(name: str, fn: AttentionFn, *, joint_identity: bool = False) -> None:
     """Register an attention implementation under ``name`` (used by ``jdpt.kernels``).
 
     ``fn(q, k, v, *, head_weight, bias, mask, is_causal, scale, return_probs)`` must return
-    ``(out, probs_or_None)`` with the semantics of :func:`xla_attention`.
+    ``(out, probs_or_None)`` with the semantics of :func:`xla_attention`. With
+    ``joint_identity=True`` it also takes ``joint_text=(start, length)``: a plan's MMDiT identity
+    mode then reaches it as ``head_weight`` = 1 on the perturbed rows and the text span (perturbed
+    image queries see their own key and the text keys), instead of as a boolean mask.
     """
     _IMPLEMENTATIONS[name] = fn
+    if joint_identity:
+        _NATIVE_JOINT.add(name)
+    else:
+        _NATIVE_JOINT.discard(name)
 
 
 def available_implementations() -> list[str]:
@@ -478,8 +486,9 @@ def attention(
             "head_weight (SoftPAG/PAG perturbation) needs self-attention (T == S); this call has "
             f"T={q.shape[1]} queries and S={k.shape[1]} keys. Perturb self-attention layers only."
         )
+    native_joint = plan.joint_identity and plan.impl in _NATIVE_JOINT
     if plan.query_blur is not None or plan.joint_identity:
-        q, mask = _perturb_inputs(q, k, mask, plan)
+        q, mask = _perturb_inputs(q, k, mask, plan.replace(joint_identity=False) if native_joint else plan)
     if plan.shared_reference is not None:
         q, k, v, bias, mask = _share_reference(q, k, v, bias, mask, plan, is_causal)
     try:
@@ -489,17 +498,43 @@ def attention(
             f"unknown attention implementation {plan.impl!r}; available: "
             f"{available_implementations()}"
         ) from None
+    head_weight, extra = plan.head_weight, {}
+    if native_joint:
+        head_weight, extra["joint_text"] = _joint_rows(q, k, plan)
     return fn(
         q,
         k,
         v,
-        head_weight=plan.head_weight,
+        head_weight=head_weight,
         bias=bias,
         mask=mask,
         is_causal=is_causal,
         scale=scale,
         return_probs=plan.return_probs,
+        **extra,
     )
+
+
+def _joint_rows(q: Array, k: Array, plan: AttentionPlan) -> tuple[Array, tuple[int, int]]:
+    """The MMDiT identity mode as an implementation's ``head_weight`` ``[B, H]`` (1 on the
+    perturbed rows) and ``joint_text=(start, length)`` (the non-image tokens)."""
+    b, t, h, _ = q.shape
+    if plan.head_weight is not None:
+        raise NotImplementedError(
+            f"joint_identity together with head_weight is not supported by impl={plan.impl!r}; "
+            "use AttentionPlan(impl='xla') for this layer"
+        )
+    if k.shape[1] != t:
+        raise ValueError(f"joint_identity (MMDiT PAG) needs self-attention over the joint sequence (T == S); "
+                         f"got T={t}, S={k.shape[1]}")
+    if plan.grid is None:
+        raise ValueError("joint_identity needs the plan's grid=TokenGrid(height, width, image_first)")
+    start, size = plan.grid.start(t), plan.grid.size
+    text = (start + size, t - start - size) if plan.grid.image_first else (0, start)
+    rows = jnp.ones((b,), bool) if plan.perturbed_rows is None else jnp.asarray(plan.perturbed_rows).astype(bool)
+    if rows.shape != (b,):
+        raise ValueError(f"perturbed_rows must be [B] = [{b}] booleans; got shape {tuple(rows.shape)}")
+    return jnp.broadcast_to(rows[:, None], (b, h)).astype(jnp.float32), text
 
 
 def sow_probs(module: nnx.Module, probs: Array | None) -> None:

@@ -2,8 +2,9 @@
 
 Pretrains a preset from scratch (or loads it from ``$JDPT_CACHE`` when it was trained before;
 the stored pretraining time and evaluation are then reported), evaluates it on the fixed prompt
-set (``--per-category`` prompts of each GenEval category, 20 Euler steps, no CFG, the world's
-sampling default; overall scores at CFG 1.5 and 4 are reported beside it), and writes
+set (``--per-category`` prompts of each GenEval category, 20 sampling steps (Euler for the Flux
+presets, DDIM for the UNet ones), no CFG, the world's sampling default; overall scores at CFG 1.5
+and 4 are reported beside it), and writes
 ``experiments/results/pretrain_shapes_<preset>.{json,md}``.
 
     python experiments/pretrain_shapes.py [--preset default] [--per-category 64]
@@ -71,13 +72,15 @@ def main() -> None:
     stem = RESULTS / f"pretrain_shapes_{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     train = meta["pretrain"]
+    unet = meta["world"].get("arch") == "unet"
+    loss_name, sampler = ("eps-prediction DDPM", "DDIM") if unet else ("flow-matching", "Euler")
     lines = [
         f"# Shapes-world base model, preset `{args.preset}`",
         "",
         f"Pretrained from scratch in **{history['seconds'] / 60:.1f} min** on {os.cpu_count()} CPU cores "
-        f"({train['steps']} steps x {train['batch_size']} pairs, final flow-matching loss "
+        f"({train['steps']} steps x {train['batch_size']} pairs, final {loss_name} loss "
         f"{history['loss'][-1]:.4f}). GenEval-lite on {args.per_category} fixed prompts per category, "
-        f"one sample each, {SAMPLING_STEPS} Euler steps, CFG {CFG_SCALE} (target range for a base model: "
+        f"one sample each, {SAMPLING_STEPS} {sampler} steps, CFG {CFG_SCALE} (target range for a base model: "
         f"{TARGET_RANGE[0]}-{TARGET_RANGE[1]} overall):",
         "",
         "| category | score |",

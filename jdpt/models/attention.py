@@ -487,7 +487,7 @@ def attention(
             f"T={q.shape[1]} queries and S={k.shape[1]} keys. Perturb self-attention layers only."
         )
     native_joint = plan.joint_identity and plan.impl in _NATIVE_JOINT
-    if plan.query_blur is not None or plan.joint_identity:
+    if plan.query_blur is not None or (plan.joint_identity and not native_joint):
         q, mask = _perturb_inputs(q, k, mask, plan.replace(joint_identity=False) if native_joint else plan)
     if plan.shared_reference is not None:
         q, k, v, bias, mask = _share_reference(q, k, v, bias, mask, plan, is_causal)

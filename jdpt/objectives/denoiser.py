@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdpt.models.flux import pack_latents
 from jdpt.parallel.step import Frozen
 from jdpt.world.model import WorldModel
 
@@ -33,9 +32,8 @@ def world_velocity(model: WorldModel, x_t: Array, t: Array, cond: dict) -> Array
 
 def world_latents(model: WorldModel, images: Array) -> Array:
     """uint8 scenes ``[B, H, W, 3]`` -> the clean packed latents ``x0`` ``[B, N, C]`` the world
-    model denoises (the same map as pretraining)."""
-    pixels = images.astype(jnp.float32) / 127.5 - 1.0
-    return pack_latents(model.config.codec().encode_latents(pixels))
+    model denoises (the same map as pretraining: :meth:`WorldModel.latents`)."""
+    return model.latents(images)
 
 
 def is_lora(params: nnx.State) -> bool:

@@ -147,9 +147,13 @@ class WorldModel(nnx.Module):
         return self.transformer(tokens, context, pooled, sigma, image_ids(*self.latent_size),
                                 jnp.zeros((context.shape[1], 3), jnp.float32), plans=plans)
 
+    def latents(self, images: jax.Array) -> jax.Array:
+        """uint8 scenes ``[B, H, W, 3]`` -> the clean packed tokens ``x0`` ``[B, N, C]`` it denoises."""
+        return pack_latents(self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
+
     def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
         """Rectified-flow loss on uint8 scenes ``[B, H, W, 3]``, ``sigma ~ logit-normal(0, 1)``."""
-        x0 = pack_latents(self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
+        x0 = self.latents(images)
         k_t, k_eps = jax.random.split(key)
         t = jax.nn.sigmoid(jax.random.normal(k_t, (x0.shape[0],)))
         eps = jax.random.normal(k_eps, x0.shape)

@@ -128,10 +128,14 @@ class UNetWorldModel(nnx.Module):
         (``pooled`` is unused: an SD 1.x UNet reads the token states only)."""
         return self.unet(x_t, t, context, plans=plans)
 
+    def latents(self, images: jax.Array) -> jax.Array:
+        """uint8 scenes ``[B, H, W, 3]`` -> the clean pixel latents ``x0`` ``[B, h, w, C]`` it denoises."""
+        return self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0)
+
     def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
         """DDPM eps-prediction loss on uint8 scenes ``[B, H, W, 3]``, ``t ~ U{0..T-1}``."""
         schedule = self.config.schedule()
-        x0 = self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0)
+        x0 = self.latents(images)
         k_t, k_eps = jax.random.split(key)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
         eps = jax.random.normal(k_eps, x0.shape)

@@ -19,7 +19,8 @@ from jdpt.guidance.head_search import HeadSearchConfig, head_hunter, weights_for
 from jdpt.guidance.perturbation import (PAG, SEG, SoftPAG, adaptive_scale, attention_layers, pag, pag_plans,
                                         perturbed_rows)
 from jdpt.models.attention import AttentionPlan, TokenGrid, attention, available_implementations, blur_matrix
-from jdpt.models.unet import Attention, UNet2DConditionConfig, UNet2DConditionModel
+from jdpt.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from jdpt.models.unet_blocks import Attention
 
 IMPLS = available_implementations()
 RNG = np.random.default_rng(0)

@@ -122,16 +122,21 @@ class CFG:
     Attributes:
         scale: ``w`` (SD default 7.5); traced.
         rescale: guidance rescale ``phi`` (Lin et al. 2024; 0: off); traced.
+        combine_impl: ``"xla"`` (default, plain JAX) or ``"pallas"``: :func:`kernel_combine`.
     """
 
     scale: float | Array = 7.5
     rescale: float | Array = 0.0
     branches: tuple[str, ...] = struct.field(pytree_node=False, default=("uncond", "cond"))
+    combine_impl: str = struct.field(pytree_node=False, default="xla")
 
     def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
         return None
 
     def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        if self.combine_impl != "xla":
+            return kernel_combine(predictions, self.branches, "cfg", self.combine_impl, w=self.scale,
+                                  rescale=self.rescale)
         p = split_branches(predictions, self.branches)
         return cfg(p["uncond"], p["cond"], self.scale, self.rescale)
 
@@ -145,19 +150,49 @@ class CFGZeroStar:
         zero_steps: number of initial steps whose prediction is zeroed (1 = the authors' code
             default, only the first step; the README suggests ~4% of the steps); traced.
         rescale: guidance rescale ``phi`` (0: off); traced.
+        combine_impl: ``"xla"`` (default, plain JAX) or ``"pallas"``: :func:`kernel_combine`.
     """
 
     scale: float | Array = 7.5
     zero_steps: int | Array = 1
     rescale: float | Array = 0.0
     branches: tuple[str, ...] = struct.field(pytree_node=False, default=("uncond", "cond"))
+    combine_impl: str = struct.field(pytree_node=False, default="xla")
 
     def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
         return None
 
     def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        if self.combine_impl != "xla":
+            return kernel_combine(predictions, self.branches, "cfg_zero_star", self.combine_impl, w=self.scale,
+                                  step=step, zero_steps=self.zero_steps, rescale=self.rescale)
         p = split_branches(predictions, self.branches)
         return cfg_zero_star(p["uncond"], p["cond"], self.scale, step, self.zero_steps, self.rescale)
+
+
+_KERNEL_BRANCHES = {"cfg": (("uncond", "cond"),), "cfg_zero_star": (("uncond", "cond"),),
+                    "pag": (("uncond", "cond", "perturbed"), ("cond", "perturbed"))}
+
+
+def kernel_combine(predictions: Array, branches: tuple[str, ...], rule: str, impl: str, **weights) -> Array:
+    """A guidance object's ``combine`` through :func:`jdpt.kernels.guidance.guidance_combine`
+    (``rule`` ``"cfg"``, ``"cfg_zero_star"`` or ``"pag"``; ``impl`` ``"xla"`` or ``"pallas"``), fp32
+    output like the rules here. The kernel is opt-in: it has not yet beaten XLA's fusion of the
+    plain-JAX rules (``experiments/results/bench_guidance.md``).
+
+    predictions: ``[len(branches) * B, ...]`` branch-major. Returns ``[B, ...]`` fp32.
+    """
+    from jdpt.kernels.guidance import guidance_combine  # the kernel module imports this one
+
+    if branches not in _KERNEL_BRANCHES[rule]:
+        raise ValueError(f"the guidance kernel's rule {rule!r} takes branches {_KERNEL_BRANCHES[rule]}; got {branches}")
+    n = len(branches)
+    if predictions.ndim < 2 or predictions.shape[0] % n:
+        raise ValueError(
+            f"predictions [{n} * B, ...] expected for the {n} branches {branches}; got shape {predictions.shape}"
+        )
+    stacked = predictions.reshape(n, predictions.shape[0] // n, *predictions.shape[1:])
+    return guidance_combine(stacked, rule, impl=impl, out_dtype=jnp.float32, **weights)
 
 
 def _same_shape(a: Array, b: Array) -> None:

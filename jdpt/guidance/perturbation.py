@@ -20,22 +20,24 @@ three branches are one forward whose plan perturbs only the third chunk.
 Layers are chosen by a regular expression over the model's stable layer names
 (``attention_layer_names``); the defaults are diffusers': ``"mid"`` for UNets (every
 self-attention of the mid block) and ``"blocks.1"`` for DiTs (the joint attention of transformer
-block 1).
+block 1). diffusers' own matching of ``pag_applied_layers`` is an unanchored regex search that
+picks more layers on deep models (``"blocks.1"`` also selects blocks 10-19 of SD3);
+:func:`diffusers_pag_layers` reproduces it exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jdpt.guidance.cfg import split_branches
-from jdpt.models.attention import AttentionPlan, LayerPlans, TokenGrid
+from jdpt.guidance.cfg import kernel_combine, split_branches
+from jdpt.models.attention import AttentionPlan, LayerPlans, TokenGrid, attention_layer_names
 from jdpt.models.flux import FluxAttention, FluxTransformer
 from jdpt.models.sd3 import SD3Attention, SD3Transformer
 from jdpt.models.unet import UNet2DConditionModel
@@ -134,6 +136,42 @@ def default_layers(model: nnx.Module) -> str:
     return UNET_DEFAULT_LAYERS if isinstance(model, UNet2DConditionModel) else DIT_DEFAULT_LAYERS
 
 
+def diffusers_pag_layers(model: nnx.Module, pag_applied_layers: str | Sequence[str]) -> str:
+    """The layers diffusers' SD3 PAG pipelines perturb for ``pag_applied_layers``, as a ``layers``
+    pattern for :class:`PAG` / :class:`SEG` (an alternation of exact jdpt layer names).
+
+    diffusers (``PAGMixin._set_pag_attn_processor``) takes every self-attention module whose
+    module path contains an *unanchored* ``re.search`` match of a layer id (its "fake integral
+    match" check only looks at paths ending in a number, and SD3's end in ``attn``/``attn2``).
+    So its default ``"blocks.1"`` selects
+    ``transformer_blocks.1.attn`` and also blocks 10-19 on a model with that many blocks (every
+    SD3 / SD3.5 checkpoint), while :func:`default_layers` is block 1 only. On SD3.5 dual-attention
+    blocks it selects ``attn2`` too, where diffusers' joint PAG processor fails (no text tokens);
+    jdpt perturbs that image-only layer with identity attention.
+
+    Only SD3 models: their layer names are the diffusers module paths (UNet names are not).
+    Raises when an id selects nothing, as diffusers does.
+    """
+    if not isinstance(model, SD3Transformer):
+        raise ValueError(
+            f"diffusers_pag_layers maps diffusers module paths, which are jdpt's layer names only for "
+            f"SD3Transformer; got {type(model).__name__}. Give PAG(layers=...) a pattern over "
+            "attention_layer_names(model) instead"
+        )
+    ids = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(pag_applied_layers)
+    if not ids:
+        raise ValueError("pag_applied_layers must name at least one layer id (diffusers' default: 'blocks.1')")
+    names = attention_layer_names(model)
+    chosen = []
+    for layer_id in ids:
+        hits = [n for n in names if re.search(layer_id, n)]
+        if not hits:
+            raise ValueError(f"PAG layer id {layer_id!r} matches no self-attention layer; the model's layers are: "
+                             f"{names}")
+        chosen += [n for n in hits if n not in chosen]
+    return "|".join(re.escape(n) for n in chosen)
+
+
 def select_layers(layers: Mapping[str, LayerInfo], pattern: str) -> list[str]:
     """Self-attention layers (never ``.cross``) whose name fully matches ``pattern``; raises
     when none does, so a typo cannot silently turn guidance off."""
@@ -198,7 +236,9 @@ def _branches(use_cfg: bool) -> tuple[str, ...]:
     return ("uncond", "cond", "perturbed") if use_cfg else ("cond", "perturbed")
 
 
-def _combine(predictions: Array, branches: tuple[str, ...], s: Array, w) -> Array:
+def _combine(predictions: Array, branches: tuple[str, ...], s: Array, w, impl: str = "xla") -> Array:
+    if impl != "xla":
+        return kernel_combine(predictions, branches, "pag", impl, s=s, w=w if "uncond" in branches else None)
     p = split_branches(predictions, branches)
     return pag(p["cond"], p["perturbed"], s, e_u=p.get("uncond"), w=w)
 
@@ -214,6 +254,8 @@ class PAG:
         layers: regex over layer names (None: ``"mid"`` for UNets, ``"blocks.1"`` for DiTs).
         use_cfg: batch ``[uncond, cond, perturbed]`` (True) or ``[cond, perturbed]``.
         impl: attention implementation for the whole forward.
+        combine_impl: ``"xla"`` (default) or ``"pallas"``: the combination through
+            :func:`jdpt.guidance.cfg.kernel_combine` (opt-in, see ``jdpt.kernels.guidance``).
     """
 
     scale: float | Array = 3.0
@@ -222,6 +264,7 @@ class PAG:
     layers: str | None = struct.field(pytree_node=False, default=None)
     use_cfg: bool = struct.field(pytree_node=False, default=True)
     impl: str = struct.field(pytree_node=False, default="xla")
+    combine_impl: str = struct.field(pytree_node=False, default="xla")
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -233,7 +276,7 @@ class PAG:
 
     def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
         s = adaptive_scale(self.scale, self.adaptive_scale, timestep)
-        return _combine(predictions, self.branches, s, self.cfg_scale)
+        return _combine(predictions, self.branches, s, self.cfg_scale, self.combine_impl)
 
 
 @struct.dataclass
@@ -247,6 +290,7 @@ class SoftPAG:
     cfg_scale: float | Array = 7.5
     use_cfg: bool = struct.field(pytree_node=False, default=True)
     impl: str = struct.field(pytree_node=False, default="xla")
+    combine_impl: str = struct.field(pytree_node=False, default="xla")
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -257,7 +301,7 @@ class SoftPAG:
                          head_weights=self.head_weights, impl=self.impl)
 
     def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
-        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale)
+        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale, self.combine_impl)
 
 
 @struct.dataclass
@@ -270,6 +314,7 @@ class SEG:
             9999999).
         cfg_scale: CFG ``w`` when ``use_cfg``; traced.
         layers: regex over layer names (None: ``"mid"`` / ``"blocks.1"``).
+        combine_impl: ``"xla"`` (default) or ``"pallas"``, as for :class:`PAG`.
     """
 
     scale: float | Array = 3.0
@@ -278,6 +323,7 @@ class SEG:
     layers: str | None = struct.field(pytree_node=False, default=None)
     use_cfg: bool = struct.field(pytree_node=False, default=True)
     impl: str = struct.field(pytree_node=False, default="xla")
+    combine_impl: str = struct.field(pytree_node=False, default="xla")
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -288,4 +334,4 @@ class SEG:
                          impl=self.impl)
 
     def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
-        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale)
+        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale, self.combine_impl)

@@ -11,7 +11,8 @@ sample, the MEAN over all non-batch dims of the elementwise Gaussian log density
 ``-(x - mean)² / (2 std²) - log std - log sqrt(2 pi)``, computed in fp32, shape ``[B]`` per step
 and ``[N, B]`` for a trajectory. Deterministic transitions (``std = 0``: DDIM with ``eta = 0``,
 ODE steps, a final step without noise) have no density; their log-prob is reported as 0, so a
-PPO ratio over them is 1 and they carry no gradient.
+PPO ratio over them is 1 and they carry no gradient. Flow-CPS transitions (``flow_cps_step``) use
+the reference's constant-free surrogate ``-mean((x - mean)²)`` instead (``cps_log_prob``).
 
 Randomness: a stochastic sampler given ``key`` draws step ``i``'s noise as
 ``jax.random.normal(jax.random.split(key, N)[i], x.shape, jnp.float32)``.
@@ -203,12 +204,63 @@ def flow_sde_step_logprob(velocity: jax.Array, x: jax.Array, x_next: jax.Array, 
     return gaussian_log_prob(x_next, mean, std)
 
 
+def flow_cps_step(velocity: jax.Array, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, *,
+                  noise_level: float | jax.Array = 0.7) -> tuple[jax.Array, jax.Array]:
+    """One coefficients-preserving (CPS) transition of a flow model (Wang & Yu 2025,
+    "Coefficients-Preserving Sampling for Reinforcement Learning with Flow Matching",
+    arXiv 2509.05952; flow_grpo ``sd3_sde_with_logprob`` with ``sde_type="cps"``): from the
+    predicted endpoints ``x0 = x - sigma v`` and ``x1 = x + (1 - sigma) v``,
+    ``std = sigma_next sin(a pi / 2)``, ``mean = x0 (1 - sigma_next) + x1 sqrt(sigma_next² - std²)``,
+    so ``x_next`` is ``(1 - sigma_next) x0`` plus noise of total std ``sigma_next`` (the
+    coefficients of the forward process ``x = (1 - sigma) x0 + sigma eps``; DDIM with ``eta`` in
+    flow form). ``noise_level = 0`` gives the Euler step ``x + (sigma_next - sigma) v`` (the
+    DDIM-like deterministic step); ``a = 1`` re-noises ``x0`` entirely with fresh noise.
+    ``sigma_next = 0`` (the last step) is deterministic (``std = 0``).
+
+    Args:
+        velocity: ``[B, ...]`` model velocity ``v(x, sigma)`` (noise minus data).
+        x: ``[B, ...]`` current state at ``sigma``.
+        sigma, sigma_next: noise levels in ``[0, 1]``, scalars or ``[B]``.
+        noise_level: ``a`` in ``[0, 1]``, scalar or ``[B]``.
+    Returns:
+        ``(mean, std)``: ``[B, ...]`` fp32 and fp32 broadcastable to it. Log-probs of CPS
+        transitions are :func:`cps_log_prob`, not the Gaussian density.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    v = jnp.asarray(velocity, jnp.float32)
+    sigma = _per_sample(jnp.asarray(sigma, jnp.float32), x)
+    sigma_next = _per_sample(jnp.asarray(sigma_next, jnp.float32), x)
+    std = sigma_next * jnp.sin(_per_sample(jnp.asarray(noise_level, jnp.float32), x) * (math.pi / 2))
+    x0, x1 = x - sigma * v, x + (1 - sigma) * v
+    return x0 * (1 - sigma_next) + x1 * jnp.sqrt(jnp.maximum(sigma_next**2 - std**2, 0.0)), std
+
+
+def cps_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array | None = None) -> jax.Array:
+    """Flow-CPS's log-probability surrogate ``-mean((x - mean)²)`` ``[B]`` fp32 (mean over the
+    non-batch dims): the Gaussian log-density without its constants and without the ``1 / (2
+    std²)`` scale (flow_grpo ``sde_type="cps"``: "remove all constants"). ``std`` is unused (the
+    signature of :func:`gaussian_log_prob`); a deterministic step (``x == mean``) gives 0."""
+    del std
+    diff = jnp.asarray(x, jnp.float32) - jnp.asarray(mean, jnp.float32)
+    return -jnp.mean(diff**2, axis=tuple(range(1, diff.ndim)))
+
+
+def flow_cps_step_logprob(velocity: jax.Array, x: jax.Array, x_next: jax.Array, sigma: jax.Array,
+                          sigma_next: jax.Array, *, noise_level: float | jax.Array = 0.7) -> jax.Array:
+    """:func:`cps_log_prob` ``[B]`` (fp32) of a given transition ``x -> x_next`` under
+    :func:`flow_cps_step` (arguments as there)."""
+    mean, _ = flow_cps_step(velocity, x, sigma, sigma_next, noise_level=noise_level)
+    return cps_log_prob(x_next, mean)
+
+
 def _run(step: StepFn, denoise: Denoise, x: jax.Array, t: jax.Array, t_next: jax.Array,
          key: jax.Array | None, return_trajectory: bool, extra: jax.Array | None = None,
+         log_prob: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] = gaussian_log_prob,
          ) -> jax.Array | Trajectory:
     """Scan ``step(prediction, x, t, t_next, extra) -> (mean, std)`` over the ``[N]`` arrays
     ``t, t_next, extra`` (``extra`` None: passed as None), drawing ``x_next = mean + std * z``
-    (``z`` from ``key``; ``mean`` when ``key`` is None)."""
+    (``z`` from ``key``; ``mean`` when ``key`` is None); a trajectory records
+    ``log_prob(x_next, mean, std)`` per step."""
     x = jnp.asarray(x)
     keys = None if key is None else jax.random.split(key, t.shape[0])
 
@@ -219,7 +271,7 @@ def _run(step: StepFn, denoise: Denoise, x: jax.Array, t: jax.Array, t_next: jax
         x_next = x_next.astype(x.dtype)
         if not return_trajectory:
             return x_next, None
-        return x_next, (x_next, gaussian_log_prob(x_next, mean, std))
+        return x_next, (x_next, log_prob(x_next, mean, std))
 
     out, recorded = jax.lax.scan(body, x, (t, t_next, extra, keys))
     if not return_trajectory:
@@ -338,15 +390,51 @@ def flow_sde_sample(denoise: Denoise, x: jax.Array, sigmas: jax.Array, *, key: j
     if isinstance(noise_level, (int, float)) and noise_level < 0:
         raise ValueError(f"noise_level must be >= 0 (Flow-GRPO uses 0.7; 0 is the Euler ODE); got {noise_level}")
     sigmas = _check_sigmas(sigmas)
-    n = sigmas.shape[0] - 1
-    levels = jnp.full((n,), noise_level, jnp.float32)
-    if sde_window is not None:
-        start, stop = sde_window
-        steps = jnp.arange(n)
-        levels = jnp.where((steps >= start) & (steps < stop), levels, 0.0)
+    levels = _window_levels(sigmas.shape[0] - 1, noise_level, sde_window)
     sigma_max = sigmas[1]
 
     def step(v, x_cur, sigma, sigma_next, level):
         return flow_sde_step(v, x_cur, sigma, sigma_next, sigma_max=sigma_max, noise_level=level)
 
     return _run(step, denoise, x, sigmas[:-1], sigmas[1:], key, return_trajectory, levels)
+
+
+def _window_levels(n: int, noise_level, sde_window) -> jax.Array:
+    """``[n]`` per-step noise levels: ``noise_level`` for steps ``start <= i < stop`` of
+    ``sde_window`` (everywhere when it is None), 0 elsewhere."""
+    levels = jnp.full((n,), noise_level, jnp.float32)
+    if sde_window is None:
+        return levels
+    start, stop = sde_window
+    steps = jnp.arange(n)
+    return jnp.where((steps >= start) & (steps < stop), levels, 0.0)
+
+
+def flow_cps_sample(denoise: Denoise, x: jax.Array, sigmas: jax.Array, *, key: jax.Array,
+                    noise_level: float = 0.7, sde_window: tuple[int | jax.Array, int | jax.Array] | None = None,
+                    return_trajectory: bool = False) -> jax.Array | Trajectory:
+    """Flow-CPS sampling: :func:`flow_cps_step` at every step (Flow-GRPO's ``sde_type="cps"``).
+
+    Args:
+        denoise: velocity model ``(x, sigma) -> v``, ``sigma`` an fp32 scalar in [0, 1].
+        x: ``[B, ...]`` initial noise.
+        sigmas: ``[N + 1]`` decreasing noise levels ending at 0 (``flow_sigmas``).
+        key: PRNG key for the per-step noise (drawn as in the module docstring).
+        noise_level: ``a`` in ``[0, 1]``.
+        sde_window: ``(start, stop)`` step indices (may be traced): CPS steps with noise for
+            ``start <= i < stop``, Euler steps (``a = 0``, log-prob 0) elsewhere. ``None``:
+            noise everywhere.
+        return_trajectory: return a ``Trajectory`` whose ``log_probs`` are :func:`cps_log_prob`.
+    Returns:
+        ``[B, ...]`` sample in ``x``'s dtype, or a ``Trajectory``.
+    """
+    _check_key(key, "flow CPS sampling")
+    if isinstance(noise_level, (int, float)) and not 0 <= noise_level <= 1:
+        raise ValueError(f"noise_level must be in [0, 1] for CPS (std = sigma_next sin(a pi / 2)); got {noise_level}")
+    sigmas = _check_sigmas(sigmas)
+    levels = _window_levels(sigmas.shape[0] - 1, noise_level, sde_window)
+
+    def step(v, x_cur, sigma, sigma_next, level):
+        return flow_cps_step(v, x_cur, sigma, sigma_next, noise_level=level)
+
+    return _run(step, denoise, x, sigmas[:-1], sigmas[1:], key, return_trajectory, levels, log_prob=cps_log_prob)

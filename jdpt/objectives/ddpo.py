@@ -11,7 +11,8 @@ model. One online iteration:
    ``logp_old``.
 2. On the host: decode ``x0``, score it with a NumPy reward, turn rewards into advantages
    (:class:`jdpt.objectives.advantages.PerPromptStatTracker` or ``group_advantages``) and set
-   ``batch["advantages"]`` ``[B]``.
+   ``batch["advantages"]`` ``[B]``; DPOK's own baseline is a learned value net, giving
+   per-transition advantages ``[B, K]`` (:mod:`jdpt.objectives.value`).
 3. ``step(state, batch, key)`` of ``make_train_step(objective, ...)`` one or more times: the loss
    re-evaluates every stored transition's log-prob under the new params (``ddim_step_logprob``).
 
@@ -159,8 +160,10 @@ def _trajectory_batch(samples, t, t_next, log_probs, cond, uncond, cfg_scale) ->
     return batch
 
 
-def check_transitions(batch: dict[str, Any], times: tuple[str, str] = ("t", "t_next")) -> tuple[int, int]:
-    """``(B, K)`` of a rollout batch; ValueError naming the bad entry otherwise."""
+def check_transitions(batch: dict[str, Any], times: tuple[str, str] = ("t", "t_next"),
+                      per_transition: bool = False) -> tuple[int, int]:
+    """``(B, K)`` of a rollout batch; ValueError naming the bad entry otherwise. ``advantages``
+    must be ``[B]``, or ``[B, K]`` (one per transition) when ``per_transition``."""
     need = ("x_t", "x_next", *times, "logp_old", "advantages", "cond")
     missing = [k for k in need if k not in batch]
     if missing:
@@ -172,7 +175,7 @@ def check_transitions(batch: dict[str, Any], times: tuple[str, str] = ("t", "t_n
     b, k = logp_old.shape
     x_t = batch["x_t"]
     expected = {"x_t": (b, k), "x_next": tuple(x_t.shape), times[0]: (b, k), times[1]: (b, k),
-                "advantages": (b,)}
+                "advantages": (b, k) if per_transition else (b,)}
     for name, shape in expected.items():
         got = tuple(batch[name].shape)
         ok = got[:2] == shape and x_t.ndim > 2 if name == "x_t" else got == shape
@@ -294,10 +297,16 @@ class DPOK:
     ``alpha = 100`` (reward weight), ``beta = 0.01`` (KL weight), ``clip_range = 1e-4``, 50
     steps, CFG 7.5 (SD1.5's pipeline default), lr 1e-5, LoRA rank 4.
 
-    Difference from the paper: DPOK's advantage is ``r - V(x_t, c, t)`` with a learned value
-    network; here ``batch["advantages"]`` comes from the host (reward minus a per-prompt or
-    batch baseline, e.g. :class:`jdpt.objectives.advantages.PerPromptStatTracker`), no value
-    network is trained.
+    Advantages (``baseline``):
+
+    - ``"value"`` (the paper's): ``batch["advantages"]`` ``[B, K]``, one per transition,
+      ``r - V(x_t, c, t)`` from DPOK's learned value net (:mod:`jdpt.objectives.value`:
+      ``value_advantages``; the net trains beside the policy with its own train state).
+    - ``"batch"``: ``[B]``, per sample, from the host (reward minus a per-prompt or batch
+      baseline, e.g. :class:`jdpt.objectives.advantages.PerPromptStatTracker`).
+
+    The reference samples its policy mini-batches from a replay buffer of recent transitions;
+    here the update trains on the given rollout batch (``timestep_fraction`` of its steps).
     """
 
     denoise: Denoiser
@@ -309,10 +318,14 @@ class DPOK:
     beta: float = 0.01
     clip_range: float = 1e-4
     timestep_fraction: float = 1.0
+    baseline: str = "value"
 
     def __post_init__(self):
         if self.eta <= 0:
             raise ValueError(f"eta={self.eta}: DPOK's transitions need noise (eta > 0)")
+        if self.baseline not in ("value", "batch"):
+            raise ValueError(f"baseline={self.baseline!r}: use 'value' (r - V(x_t, c, t), advantages [B, K]) or "
+                             "'batch' (host-side per-sample advantages [B])")
         _num_train(self.num_steps, self.timestep_fraction)
 
     def rollout(self, model: nnx.Module, cond: Any, noise: Array, key: Array, *,
@@ -323,9 +336,17 @@ class DPOK:
 
     def loss(self, params: nnx.State, frozen: Frozen, batch: dict[str, Any],
              key: Array) -> tuple[Array, Metrics]:
-        """Batch: a :meth:`rollout` batch plus ``advantages`` ``[B]``."""
-        _, k = check_transitions(batch)
-        batch = select_steps(batch, _num_train(k, self.timestep_fraction), key)
+        """Batch: a :meth:`rollout` batch plus ``advantages``: ``[B, K]`` (``baseline="value"``)
+        or ``[B]`` (``"batch"``)."""
+        per_transition = self.baseline == "value"
+        adv = batch.get("advantages")
+        if per_transition and adv is not None and jnp.ndim(adv) == 1:
+            raise ValueError(f"DPOK(baseline='value') needs per-transition advantages [B, K] = r - V(x_t, c, t) "
+                             f"(jdpt.objectives.value.value_advantages); got shape {jnp.shape(adv)}. For "
+                             "per-sample advantages [B] use DPOK(baseline='batch')")
+        _, k = check_transitions(batch, per_transition=per_transition)
+        keys = ("x_t", "x_next", "t", "t_next", "logp_old") + (("advantages",) if per_transition else ())
+        batch = select_steps(batch, _num_train(k, self.timestep_fraction), key, keys)
         uncond = batch.get("uncond")
 
         def step(params, x_t, x_next, t, t_next):

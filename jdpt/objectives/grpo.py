@@ -15,6 +15,11 @@ between the policy's and the reference's step means. One online iteration:
 
 Samples whose advantage is 0 (groups with equal rewards) are kept, not filtered as the reference
 does (static shapes): their surrogate term is 0, only the KL term acts on them.
+
+Variants: ``FlowGRPO(sde="cps")`` samples and scores with coefficients-preserving steps
+(``flow_cps_step``; Wang & Yu 2025, flow_grpo ``sde_type="cps"``) instead of the SDE; Flow-GRPO's
+evaluation / checkpoint weights are an EMA of the trained ones, :func:`ema_update` (decay 0.9
+every 8 steps), kept by the caller beside the train state.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpt.diffusion.samplers import flow_sde_sample, flow_sde_step, gaussian_log_prob
+from jdpt.diffusion.samplers import (cps_log_prob, flow_cps_sample, flow_cps_step, flow_sde_sample, flow_sde_step,
+                                     gaussian_log_prob)
 from jdpt.diffusion.schedules import flow_sigmas
 from jdpt.objectives.ddpo import (check_transitions, clipped_surrogate, guided_prediction,
                                   scan_transitions)
@@ -39,9 +45,13 @@ Metrics = dict[str, Array]
 
 
 def mean_kl(mean: Array, mean_ref: Array, std: Array) -> Array:
-    """Flow-GRPO's KL between the policy's and the reference's step Gaussians of equal ``std``:
-    ``mean_CHW((mean - mean_ref)²) / (2 std²)`` ``[B]`` (flow_grpo ``train_sd3.py``; ``std`` is the
-    transition std ``s_t sqrt(|dt|)`` that ``sd3_sde_with_logprob`` returns). 0 where ``std == 0``.
+    """Flow-GRPO's KL term between the policy's and the reference's step means:
+    ``mean_CHW((mean - mean_ref)²) / (2 std²)`` ``[B]``. 0 where ``std == 0``.
+
+    :class:`FlowGRPO` passes what flow_grpo's ``sd3_sde_with_logprob`` returns as ``std_dev_t``
+    and ``train_sd3.py`` divides by: for the SDE the noise scale ``s_t`` (without the step's
+    ``sqrt(|dt|)``, so this is the exact Gaussian KL times ``|dt|``: the paper's ``beta`` was tuned
+    on this form), for CPS the step std ``sigma_next sin(a pi / 2)``.
 
     Args:
         mean, mean_ref: ``[B, ...]``; std: ``[B]`` or broadcastable ``[B, 1, ...]``.
@@ -66,13 +76,20 @@ class FlowGRPO:
     ``[s, s + w)`` inside ``sde_window_range`` (default ``(0, num_steps // 2)``, our choice);
     only those steps are SDE steps (ODE elsewhere) and only they are trained.
 
+    Flow-CPS: ``sde="cps"`` replaces every SDE step by :func:`jdpt.diffusion.samplers.flow_cps_step`
+    (noise std ``sigma_next sin(a pi / 2)``, ``a = noise_level`` in ``(0, 1]``) in rollouts and
+    in the loss, whose log-probs are then the reference's ``-mean((x' - mean)²)``; the KL term
+    divides by the CPS step's std (flow_grpo returns it as ``std_dev_t``). The last step
+    (``sigma_next = 0``) is deterministic and, with ``timestep_fraction < 1``, not trained.
+
     Attributes:
         denoise: the velocity model adapter (``t = sigma``; e.g. ``world_velocity``).
         num_steps, shift: the rollout grid ``flow_sigmas(num_steps, shift=shift)``.
-        noise_level: the SDE's ``a``; cfg_scale: guidance in rollouts and the update (two
-            forwards per transition, batched as one).
+        noise_level: the SDE's (or CPS's) ``a``; cfg_scale: guidance in rollouts and the update
+            (two forwards per transition, batched as one).
         clip_range, adv_clip: the surrogate's ratio clip and advantage clip.
         beta: KL weight (0 skips the reference forward).
+        sde: ``"flow"`` (Flow-GRPO's SDE) or ``"cps"`` (coefficients-preserving sampling).
     """
 
     denoise: Denoiser
@@ -86,14 +103,19 @@ class FlowGRPO:
     timestep_fraction: float = 0.99
     sde_window_size: int | None = None
     sde_window_range: tuple[int, int] | None = None
+    sde: str = "flow"
 
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps} must be >= 1")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        if self.sde not in ("flow", "cps"):
+            raise ValueError(f"sde={self.sde!r}: use 'flow' (Flow-GRPO's SDE) or 'cps' (coefficients-preserving)")
         if self.noise_level <= 0:
             raise ValueError(f"noise_level={self.noise_level}: the SDE needs noise (> 0; Flow-GRPO uses 0.7)")
+        if self.sde == "cps" and self.noise_level > 1:
+            raise ValueError(f"noise_level={self.noise_level}: CPS's a must be in (0, 1] (std = sigma_next sin(a pi / 2))")
         if self.sde_window_size is not None:
             lo, hi = self.window_range
             if not (1 <= self.sde_window_size <= hi - lo and 0 <= lo and hi <= self.num_steps):
@@ -139,8 +161,9 @@ class FlowGRPO:
         def predict(x, sigma):
             return guided_prediction(self.denoise, model, x, jnp.full((b,), sigma), cond, uncond, self.cfg_scale)
 
-        traj = flow_sde_sample(predict, noise, sigmas, key=key_noise, noise_level=self.noise_level,
-                               sde_window=window, return_trajectory=True)
+        sample = flow_cps_sample if self.sde == "cps" else flow_sde_sample
+        traj = sample(predict, noise, sigmas, key=key_noise, noise_level=self.noise_level, sde_window=window,
+                      return_trajectory=True)
         k = self.num_train
 
         def steps(x):  # [N, ...] -> the trained [K, ...]
@@ -155,29 +178,72 @@ class FlowGRPO:
             batch["uncond"] = uncond
         return batch, traj.samples[-1]
 
+    def transition(self, velocity: Array, x: Array, sigma: Array, sigma_next: Array) -> tuple[Array, Array]:
+        """The rollout's step ``(mean, std)`` for ``velocity`` at ``x`` (``flow_sde_step`` with
+        Flow-GRPO's ``sigma_max = sigmas[1]``, or ``flow_cps_step``)."""
+        if self.sde == "cps":
+            return flow_cps_step(velocity, x, sigma, sigma_next, noise_level=self.noise_level)
+        return flow_sde_step(velocity, x, sigma, sigma_next, sigma_max=float(self.sigmas()[1]),
+                             noise_level=self.noise_level)
+
+    def kl_std(self, std: Array, sigma: Array, sigma_next: Array) -> Array:
+        """The std the KL term divides by (flow_grpo's ``std_dev_t``): the SDE step's ``s_t =
+        std / sqrt(sigma - sigma_next)``, or the CPS step's std itself."""
+        if self.sde == "cps":
+            return std
+        dt = jnp.reshape(jnp.asarray(sigma - sigma_next, jnp.float32), (-1,) + (1,) * (jnp.ndim(std) - 1))
+        return std / jnp.sqrt(dt)
+
     def loss(self, params: nnx.State, frozen: Frozen, batch: dict[str, Any],
              key: Array) -> tuple[Array, Metrics]:
         """Batch: a :meth:`rollout` batch plus ``advantages`` ``[B]``."""
         check_transitions(batch, ("sigma", "sigma_next"))
-        sigma_max = float(self.sigmas()[1])  # the rollout's: Flow-GRPO's sigmas[1]
         cond, uncond = batch["cond"], batch.get("uncond")
+        log_prob = cps_log_prob if self.sde == "cps" else gaussian_log_prob
 
         def step(params, x_t, x_next, sigma, sigma_next):
             x_in = frozen.cast(x_t)
             v = guided_prediction(self.denoise, frozen.model(params), x_in, sigma, cond, uncond, self.cfg_scale)
-            mean, std = flow_sde_step(v, x_t, sigma, sigma_next, sigma_max=sigma_max,
-                                      noise_level=self.noise_level)
-            logp = gaussian_log_prob(x_next, mean, std)
+            mean, std = self.transition(v, x_t, sigma, sigma_next)
+            logp = log_prob(x_next, mean, std)
             if self.beta == 0:
                 return logp, jnp.zeros_like(logp)
             v_ref = guided_prediction(self.denoise, reference_model(frozen, params), x_in, sigma, cond, uncond,
                                       self.cfg_scale)
-            mean_ref, _ = flow_sde_step(jax.lax.stop_gradient(v_ref), x_t, sigma, sigma_next,
-                                        sigma_max=sigma_max, noise_level=self.noise_level)
-            return logp, mean_kl(mean, mean_ref, std)
+            mean_ref, _ = self.transition(jax.lax.stop_gradient(v_ref), x_t, sigma, sigma_next)
+            return logp, mean_kl(mean, mean_ref, self.kl_std(std, sigma, sigma_next))
 
         logp, kl = scan_transitions(step, params, batch, ("x_t", "x_next", "sigma", "sigma_next"))
         policy, metrics = clipped_surrogate(logp.T, batch["logp_old"], batch["advantages"], self.clip_range,
                                             self.adv_clip)
         kl = jnp.mean(kl)
         return policy + self.beta * kl, {**metrics, "policy_loss": policy, "kl": kl}
+
+
+def ema_update(ema: Any, params: Any, step: int | Array, *, decay: float = 0.9, every: int = 8) -> Any:
+    """Flow-GRPO's EMA of the trained weights (flow_grpo ``EMAModuleWrapper.step``, created with
+    ``decay=0.9, update_step_interval=8``; used for evaluation and saved checkpoints):
+
+    ``d = min((1 + step) / (10 + step), decay)``; when ``(step + 1) % every == 0``,
+    ``ema <- ema + (1 - d) (params - ema)``, else ``ema`` unchanged. Pure and jittable (``step``
+    may be traced); start from ``ema = params`` at step 0.
+
+    Args:
+        ema, params: pytrees of one structure (e.g. ``state.params`` of the train state).
+        step: the optimizer step count the reference passes (its ``global_step`` after the update).
+        decay: the EMA decay (Flow-GRPO: 0.9; the warm-up ``(1 + step) / (10 + step)`` caps it
+            early on); every: update interval in steps (Flow-GRPO: 8).
+    Returns:
+        The new EMA pytree (each leaf in its input dtype).
+    """
+    if every < 1 or not 0 <= decay < 1:
+        raise ValueError(f"ema_update needs every >= 1 and 0 <= decay < 1; got every={every}, decay={decay}")
+    step = jnp.asarray(step, jnp.int32)
+    n = step.astype(jnp.float32)
+    rate = jnp.where((step + 1) % every == 0, 1 - jnp.minimum((1 + n) / (10 + n), decay), 0.0)
+
+    def update(e, p):
+        e32 = jnp.asarray(e, jnp.float32)
+        return (e32 + rate * (jnp.asarray(p, jnp.float32) - e32)).astype(jnp.asarray(e).dtype)
+
+    return jax.tree.map(update, ema, params)

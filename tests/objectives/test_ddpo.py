@@ -251,7 +251,7 @@ def test_ddpo_sf_gradient_equals_is_gradient_on_policy():
 def test_dpok_kl_term_matches_plain_loop():
     graphdef, params, rest, batch = toy_setup()
     reference = perturb(params, 0.1, 2)
-    objective = DPOK(toy_denoise, schedule=SCHEDULE, num_steps=3, cfg_scale=1.0)
+    objective = DPOK(toy_denoise, schedule=SCHEDULE, num_steps=3, cfg_scale=1.0, baseline="batch")
     _, metrics = objective.loss(params, Frozen(graphdef, rest, {"reference": reference}), batch, jax.random.key(0))
     policy, ref = nnx.merge(graphdef, params, rest), nnx.merge(graphdef, reference, rest)
     kl = np.mean([np.mean((np.asarray(toy_denoise(policy, batch["x_t"][:, j], None, batch["cond"]))
@@ -339,7 +339,7 @@ def test_ddpo_online_iteration_on_tiny_world():
 
 @pytest.mark.slow  # DPOK's KL term is checked on the toy model above; this adds ~15 s of compiles
 def test_dpok_online_iteration_on_tiny_world():
-    _, (first, second) = online_iteration(DPOK(WORLD_EPS, num_steps=ROLLOUT_STEPS, cfg_scale=CFG), 10)
+    _, (first, second) = online_iteration(DPOK(WORLD_EPS, num_steps=ROLLOUT_STEPS, cfg_scale=CFG, baseline="batch"), 10)
     # policy == pretrained (zero LoRA B) at init; 1e-10 (predictions are O(1)): XLA may fuse the
     # base layer differently when the adapters are the constant zeros of the reference.
     assert float(first["kl"]) < 1e-10

@@ -14,10 +14,10 @@ import optax
 import pytest
 from flax import nnx
 
-from jdpt.diffusion.samplers import flow_sde_step, flow_sde_step_logprob, gaussian_log_prob
+from jdpt.diffusion.samplers import flow_cps_step_logprob, flow_sde_step, flow_sde_step_logprob, gaussian_log_prob
 from jdpt.objectives.advantages import group_advantages
 from jdpt.objectives.denoiser import world_velocity
-from jdpt.objectives.grpo import FlowGRPO, mean_kl
+from jdpt.objectives.grpo import FlowGRPO, ema_update, mean_kl
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
 from jdpt.rewards.compressibility import jpeg_compressibility
@@ -77,11 +77,11 @@ def toy_velocity(model, x, sigma, cond):
 
 
 @functools.cache
-def toy_setup(window: int | None = None):
+def toy_setup(window: int | None = None, sde: str = "flow"):
     model = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     objective = FlowGRPO(toy_velocity, num_steps=6, shift=1.0, cfg_scale=1.0, timestep_fraction=0.99,
-                         sde_window_size=window)
+                         sde_window_size=window, sde=sde)
     cond = {"s": jnp.linspace(0.5, 1.0, 4)}
     noise = jax.random.normal(jax.random.key(0), (4, 5, 3))
     batch, x0 = objective.rollout(model, cond, noise, jax.random.key(1))
@@ -102,6 +102,40 @@ def test_rollout_records_the_trained_transitions():
         np.testing.assert_allclose(np.asarray(logp), np.asarray(batch["logp_old"][:, j]), rtol=1e-4, atol=1e-5)
 
 
+def test_cps_rollout_records_cps_transitions():
+    objective, graphdef, params, rest, batch = toy_setup(window=2, sde="cps")
+    model = nnx.merge(graphdef, params, rest)
+    assert batch["x_t"].shape == (4, 2, 5, 3) and np.all(np.asarray(batch["logp_old"]) < 0)
+    for j in range(2):  # logp_old = -mean((x' - mu)²) of the CPS step (rtol: fp32 rounding)
+        v = toy_velocity(model, batch["x_t"][:, j], None, batch["cond"])
+        logp = flow_cps_step_logprob(v, batch["x_t"][:, j], batch["x_next"][:, j], batch["sigma"][:, j],
+                                     batch["sigma_next"][:, j], noise_level=0.7)
+        np.testing.assert_allclose(np.asarray(logp), np.asarray(batch["logp_old"][:, j]), rtol=1e-4, atol=1e-7)
+        mean, std = plain_cps_step(v, batch["x_t"][:, j], batch["sigma"][:, j], batch["sigma_next"][:, j])
+        z = (batch["x_next"][:, j] - mean) / std[:, None, None]  # the injected noise: N(0, 1)
+        assert 0.7 < float(jnp.std(z)) < 1.3  # 60 unit normals per step: std 1 +- 0.1
+
+
+def test_ema_update_matches_the_reference_loop():
+    """flow_grpo EMAModuleWrapper.step(params, step) called after every update, in NumPy."""
+    rng = np.random.default_rng(7)
+    history = rng.normal(size=(40, 3, 2)).astype(np.float32)  # the params after each update
+    ema_np = history[0].astype(np.float64)
+    ema = {"w": jnp.asarray(history[0])}
+    update = jax.jit(ema_update, static_argnames=("decay", "every"))
+    for step in range(1, 40):
+        decay = min((1 + step) / (10 + step), 0.9)
+        if (step + 1) % 8 == 0:
+            ema_np = ema_np + (1 - decay) * (history[step] - ema_np)
+        ema = update(ema, {"w": jnp.asarray(history[step])}, step)
+        np.testing.assert_allclose(np.asarray(ema["w"]), ema_np, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    assert not np.allclose(ema_np, history[0]) and not np.allclose(ema_np, history[-1])
+    once = ema_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 7, decay=0.5, every=4)  # d = min(8/17, 0.5)
+    np.testing.assert_allclose(np.asarray(once["w"]), 1 - 8 / 17, rtol=1e-6)
+    with pytest.raises(ValueError, match="every >= 1 and 0 <= decay < 1"):
+        ema_update(ema, ema, 0, every=0)
+
+
 def test_fast_variant_trains_only_its_window():
     objective, _, _, _, batch = toy_setup(window=2)
     lo, hi = objective.window_range
@@ -117,10 +151,18 @@ def test_fast_variant_trains_only_its_window():
     assert len(starts) > 1  # the window moves between rollouts
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_flow_grpo_loss_and_gradient_match_plain_loop(beta):
-    objective, graphdef, params, rest, batch = toy_setup()
-    objective = FlowGRPO(toy_velocity, num_steps=6, shift=1.0, cfg_scale=1.0, beta=beta)
+def plain_cps_step(v, x, s, sn, a=0.7):
+    """The spec's CPS step written out (jnp, independent of flow_cps_step): (mean, std [B])."""
+    s, sn = s[:, None, None], sn[:, None, None]
+    std = sn * jnp.sin(a * jnp.pi / 2)
+    mean = (x - s * v) * (1 - sn) + (x + (1 - s) * v) * jnp.sqrt(sn**2 - std**2)
+    return mean, std.reshape(-1)
+
+
+@pytest.mark.parametrize("beta,sde", [(0.0, "flow"), (0.04, "flow"), (0.04, "cps")])
+def test_flow_grpo_loss_and_gradient_match_plain_loop(beta, sde):
+    objective, graphdef, params, rest, batch = toy_setup(sde=sde)
+    objective = FlowGRPO(toy_velocity, num_steps=6, shift=1.0, cfg_scale=1.0, beta=beta, sde=sde)
     reference = perturb(params, 0.1, 5)
     frozen = Frozen(graphdef, rest, {"reference": reference})
     new = perturb(params, 0.02, 6)
@@ -134,9 +176,15 @@ def test_flow_grpo_loss_and_gradient_match_plain_loop(beta):
         logps, kls = [], []
         for j in range(batch["logp_old"].shape[1]):
             x, xn, s, sn = (batch[k][:, j] for k in ("x_t", "x_next", "sigma", "sigma_next"))
-            mean, std = flow_sde_step(toy_velocity(policy, x, None, batch["cond"]), x, s, sn, sigma_max=sigma_max)
-            mean_ref, _ = flow_sde_step(toy_velocity(ref, x, None, batch["cond"]), x, s, sn, sigma_max=sigma_max)
-            logps.append(gaussian_log_prob(xn, mean, std))
+            v, v_ref = toy_velocity(policy, x, None, batch["cond"]), toy_velocity(ref, x, None, batch["cond"])
+            if sde == "cps":  # logp = -mean((x' - mu)²); KL over the CPS std
+                (mean, std), (mean_ref, _) = plain_cps_step(v, x, s, sn), plain_cps_step(v_ref, x, s, sn)
+                logps.append(-jnp.mean((xn - mean) ** 2, axis=(1, 2)))
+            else:
+                mean, std = flow_sde_step(v, x, s, sn, sigma_max=sigma_max)
+                mean_ref, _ = flow_sde_step(v_ref, x, s, sn, sigma_max=sigma_max)
+                logps.append(gaussian_log_prob(xn, mean, std))
+                std = std / jnp.sqrt(s - sn)[:, None, None]  # flow_grpo divides by s_t², not s_t² |dt|
             kls.append(jnp.mean((mean - mean_ref) ** 2, axis=(1, 2)) / (2 * std.reshape(-1) ** 2))
         logp = jnp.stack(logps, 1)
         adv = jnp.clip(batch["advantages"], -5, 5)[:, None]
@@ -159,6 +207,10 @@ def test_bad_settings_and_batches_are_errors():
         FlowGRPO(toy_velocity, num_steps=6, sde_window_size=4)
     with pytest.raises(ValueError, match="noise_level=0"):
         FlowGRPO(toy_velocity, noise_level=0)
+    with pytest.raises(ValueError, match="sde='ode'"):
+        FlowGRPO(toy_velocity, sde="ode")
+    with pytest.raises(ValueError, match=r"noise_level=1.5: CPS's a must be in \(0, 1\]"):
+        FlowGRPO(toy_velocity, sde="cps", noise_level=1.5)
     with pytest.raises(ValueError, match=r"batch\['sigma'\] has shape"):
         objective.loss(params, Frozen(graphdef, rest), {**batch, "sigma": batch["sigma"][:, :1]}, jax.random.key(0))
     with pytest.raises(ValueError, match="this objective needs a reference model"):

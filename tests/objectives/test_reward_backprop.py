@@ -158,6 +158,46 @@ def test_draft_ddim_matches_ddim_sampler():
     np.testing.assert_allclose(float(loss), float(-distance_reward(x0, BATCH["cond"]).mean()), rtol=1e-5)
 
 
+def np_draft_lv(n, key):
+    """DRaFT-LV on the per-step linear flow model, fp64: x0 = prod(1 + dt_i w_i) x_T (no gradient),
+    x_L^i = (1 - s) x0 + s eps_i at the last level s = sigmas[N-1], one Euler step to 0:
+    x0^i = (1 - s w_L) x_L^i; loss = -mean r = mean((x0^i - target)²) and its gradient wrt w_L."""
+    eps = np.asarray(jax.random.normal(key, (n, *X_T.shape), jnp.float32), np.float64)
+    x0 = np.prod(1 + np.diff(SIGMAS).astype(np.float64) * W) * X_T
+    s = float(SIGMAS[N - 1])
+    x_last = (1 - s) * x0 + s * eps
+    err = (1 - s * float(W[N - 1])) * x_last - TARGET
+    return np.mean(err**2), np.mean(2 * err * (-s * x_last))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_draft_lv_matches_numpy_and_trains_only_the_final_step(n):
+    frozen, params = toy()
+    objective = DRaFT(per_step_denoise, distance_reward, num_steps=N, cfg_scale=1.0, schedule=None, lv_samples=n)
+    key = jax.random.key(3)
+
+    def loss(p, noise):
+        return objective.loss(p, frozen, {**BATCH, "noise": noise}, key)[0]
+
+    value, (grads, grad_noise) = jax.value_and_grad(loss, argnums=(0, 1))(params, BATCH["noise"])
+    want, want_grad = np_draft_lv(n, key)
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)  # fp32 vs fp64
+    g = np.asarray(grads["w"][...])
+    np.testing.assert_allclose(g[N - 1], want_grad, rtol=1e-4)
+    assert np.all(g[:N - 1] == 0.0) and np.all(np.asarray(grad_noise) == 0.0)  # only the final step
+
+
+def test_draft_lv_ddim_trains_only_the_final_step():
+    schedule = DDPMSchedule()
+    times = {int(t): i for i, t in enumerate(np.asarray(inference_timesteps(schedule, N)))}
+    table = jnp.asarray([times.get(t, 0) for t in range(schedule.num_train_timesteps)])
+    frozen, params = toy(lambda t: table[t])
+    objective = DRaFT(per_step_denoise, distance_reward, num_steps=N, cfg_scale=1.0, schedule=schedule, lv_samples=2)
+    grads, metrics = jax.grad(lambda p: objective.loss(p, frozen, BATCH, jax.random.key(4)), has_aux=True)(params)
+    g = np.asarray(grads["w"][...])
+    assert g[N - 1] != 0 and np.all(g[:N - 1] == 0.0) and np.isfinite(float(metrics["reward"]))
+
+
 def test_alignprop_gradient_starts_at_its_random_step():
     frozen, params = toy()
     objective = AlignProp(per_step_denoise, distance_reward, num_steps=N, cfg_scale=1.0, schedule=None,
@@ -194,6 +234,10 @@ def test_bad_settings_and_batches_are_errors():
     frozen, params = toy()
     with pytest.raises(ValueError, match=r"truncation K=5 must be in \[1, num_steps=4\]"):
         DRaFT(per_step_denoise, distance_reward, num_steps=4, truncation=5)
+    with pytest.raises(ValueError, match=r"DRaFT-LV \(lv_samples=2\) is the K = 1 estimator; got truncation K=2"):
+        DRaFT(per_step_denoise, distance_reward, num_steps=4, truncation=2, lv_samples=2)
+    with pytest.raises(ValueError, match="lv_samples=-1 must be >= 0"):
+        DRaFT(per_step_denoise, distance_reward, num_steps=4, lv_samples=-1)
     with pytest.raises(ValueError, match="truncation_range=\\(3, 3\\)"):
         AlignProp(per_step_denoise, distance_reward, truncation_range=(3, 3))
     with pytest.raises(ValueError, match="grad_step_range"):
@@ -237,6 +281,11 @@ def world_reward(x0, cond):
 
 def test_draft_updates_on_tiny_world():
     world_updates(DRaFT(world_velocity, world_reward, num_steps=2, cfg_scale=1.0, schedule=None))
+
+
+@pytest.mark.slow
+def test_draft_lv_updates_on_tiny_world():
+    world_updates(DRaFT(world_velocity, world_reward, num_steps=2, cfg_scale=1.0, schedule=None, lv_samples=2))
 
 
 @pytest.mark.slow

@@ -2,7 +2,10 @@
 
 ``jdpt demo``: the main job on the embedded default. Pretrain (or load from ``$JDPT_CACHE``) the
 Shapes-world base model, sample a fixed prompt set covering GenEval's six categories, score every
-image with the analytic verifier, and write ``grid.png`` and ``scores.json``.
+image with the analytic verifier, and write ``grid.png`` and ``scores.json``. Then post-train it
+(LoRA, ``--post-train METHOD`` for ``--post-train-seconds``), sample the same prompts with the same
+seeds, print the scores before and after per category and write ``post_trained_grid.png`` (base
+and post-trained side by side); ``--post-train none`` stops after the base model.
 
 ``jdpt sample``: images for a prompt from a Shapes-world model folder or a diffusers pipeline folder
 (Flux, SD 1.x/2.x, SDXL, SD3; dispatched on ``model_index.json``).
@@ -78,9 +81,16 @@ def demo(args: argparse.Namespace) -> int:
     from jdpt.data.shapes import CATEGORIES
     from jdpt.world.cache import base_model, model_dir
     from jdpt.world.figures import image_grid
+    from jdpt.world.model import WorldModel
     from jdpt.world.pretraining import eval_prompts, evaluate
 
+    if args.post_train != "none" and not args.post_train_seconds > 0:
+        raise SystemExit(f"jdpt demo: --post-train-seconds {args.post_train_seconds} must be > 0 "
+                         "(or pass --post-train none)")
     model, meta = base_model(args.preset, cache_dir=args.cache)
+    if args.post_train != "none" and not isinstance(model, WorldModel):
+        raise SystemExit(f"jdpt demo: post-training runs on the Flux-world presets (default, ci), not "
+                         f"{args.preset!r}: pass --post-train none")
     print(f"base model: {model_dir(args.preset, args.cache)}"
           f" (pretrained in {meta['history']['seconds'] / 60:.1f} min, final loss {meta['history']['loss'][-1]:.4f})")
     prompts = eval_prompts(args.per_category, model.config)
@@ -104,6 +114,48 @@ def demo(args: argparse.Namespace) -> int:
     for name, value in summary.items():
         print(f"{name:<15}{value:>7.3f}")
     print(f"\nwrote {out / 'grid.png'} (green frame: verifier says correct) and {out / 'scores.json'}")
+    if args.post_train == "none":
+        return 0
+
+    from jdpt.world.alignment import AlignSettings, post_train
+    from jdpt.world.alignment_runs import standard_error
+    settings = AlignSettings()
+    print(f"\npost-training the base model with {args.post_train} (LoRA r{settings.lora_rank}) "
+          f"for {args.post_train_seconds:.0f} s of training (compiling and data making not counted)")
+    result = post_train(model, args.post_train, settings, budget_seconds=args.post_train_seconds)
+    tuned, tuned_verdict = evaluate(result.model, prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
+    after = tuned_verdict.summary()
+    # per category two rows, the same prompts and seeds: the base model's samples, then the post-trained ones
+    shown = min(args.per_category, 6)
+    tiles, captions, passed, labels = [], [], [], []
+    for c, category in enumerate(CATEGORIES):
+        row = list(range(c * args.per_category, c * args.per_category + shown))
+        for who, samples, v in (("base", images, verdict), (result.method, tuned, tuned_verdict)):
+            tiles.append(samples[row])
+            captions += [prompts[i].text for i in row]
+            passed += [bool(v.score[i]) for i in row]
+            labels.append(f"{category}: {who}")
+    image_grid(np.concatenate(tiles), captions, columns=shown, passed=passed,
+               row_labels=labels).save(out / "post_trained_grid.png")
+    noise = 2 * np.sqrt(2) * standard_error(summary, args.per_category)
+    report["post_training"] = {
+        "method": result.method, "label": result.label, "trainable": result.trainable,
+        "learning_rate": result.learning_rate, "budget_seconds": args.post_train_seconds, "steps": result.steps,
+        "train_seconds": result.train_seconds, "compile_seconds": result.compile_seconds,
+        "mean_iteration_seconds": result.mean_iteration_seconds, "memory": result.memory,
+        "reward_curve": result.train_curve, "before": summary, "after": after,
+        "change": {k: after[k] - summary[k] for k in summary}, "noise_threshold": noise,
+    }
+    (out / "scores.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nGenEval-lite before -> after {result.label} ({result.steps} steps, {result.train_seconds:.0f} s; "
+          "same prompts and seeds)")
+    print(f"{'category':<15}{'before':>8}{'after':>8}{'change':>9}")
+    for name in summary:
+        print(f"{name:<15}{summary[name]:>8.3f}{after[name]:>8.3f}{after[name] - summary[name]:>+9.3f}")
+    print(f"(one sample per prompt: an overall change below {noise:.3f}, two standard errors of a "
+          "difference, is within noise)")
+    print(f"\nwrote {out / 'post_trained_grid.png'} (per category: base row, then {result.method} row) and "
+          f"updated {out / 'scores.json'}")
     return 0
 
 
@@ -183,11 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=smoke)
 
-    p = sub.add_parser("demo", help="pretrain or load the Shapes-world base model, sample, score, write a grid")
+    from jdpt.world.alignment_runs import METHODS
+
+    p = sub.add_parser("demo", help="pretrain or load the Shapes-world base model, sample, score, write a grid; "
+                                    "post-train it and compare")
     p.add_argument("--preset", default="default", help="base model preset: default (~15 min to pretrain) or ci")
     p.add_argument("--cache", default=None, help="model cache folder (default: $JDPT_CACHE or ~/.cache/jdpt)")
-    p.add_argument("--out", default="outputs/demo", help="folder for grid.png and scores.json")
+    p.add_argument("--out", default="outputs/demo",
+                   help="folder for grid.png, post_trained_grid.png and scores.json")
     p.add_argument("--per-category", type=int, default=32, help="evaluation prompts per GenEval category")
+    p.add_argument("--post-train", default="nft", choices=[*METHODS, "none"],
+                   help="post-training method run on the base model with LoRA (default: %(default)s); "
+                        "none: stop after the base model")
+    p.add_argument("--post-train-seconds", type=float, default=300.0,
+                   help="post-training budget in seconds of training (default: %(default)s)")
     _sampling_args(p)
     p.set_defaults(fn=demo)
 

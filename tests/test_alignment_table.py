@@ -1,18 +1,15 @@
-"""experiments/alignment_table.py and bench_dpo_memory.py: the differentiable surrogate reward
-against an independent NumPy version and against rendered ground truth, the curve bookkeeping,
-and (slow) both scripts end to end on the ``ci`` preset / a tiny model."""
+"""experiments/alignment_table.py and bench_dpo_memory.py: the curve bookkeeping and (slow) both
+scripts end to end on the ``ci`` preset / a tiny model. The library pieces they run
+(``jdpt.world.post_train``, the colour-mass reward) are tested in tests/world/test_alignment.py."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdpt.data.shapes import PALETTE, ShapesConfig, parse_prompt, render
 from jdpt.world.pretraining import eval_prompts, evaluate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -28,69 +25,6 @@ def _load(name: str):
 
 table = _load("alignment_table")
 bench = _load("bench_dpo_memory")
-SHAPES = ShapesConfig()
-
-
-# --- the soft colour-mass reward ------------------------------------------------------------
-
-def numpy_colour_mass(images, target, named, total, colors, t_fg=0.05, t_col=0.05):
-    """The docstring's formula in float64, written out pixel by pixel per colour."""
-    x = np.clip(np.asarray(images, np.float64) / 2 + 0.5, 0, 1)
-    fg = 1 / (1 + np.exp(-(x.max(-1) - 0.5) / t_fg))
-    dirs = np.array([PALETTE[c] for c in colors], np.float64)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    cos = np.einsum("bhwc,kc->bhwk", x, dirs) / np.sqrt((x**2).sum(-1, keepdims=True) + 1e-6)
-    e = np.exp((cos - cos.max(-1, keepdims=True)) / t_col)
-    share = e / e.sum(-1, keepdims=True)
-    mass = (fg[..., None] * share).sum(axis=(1, 2))
-    s = lambda d: np.sqrt(d**2 + 1) - 1  # noqa: E731
-    return -((named * s(mass - target)).sum(-1) + s(mass.sum(-1) - total)) / total
-
-
-def test_colour_mass_reward_matches_numpy():
-    """Random images and targets: |jax (fp32) - numpy (fp64)| <= 1e-4 relative."""
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (3, 12, 12, 3)).astype(np.float32)
-    k = len(SHAPES.colors)
-    targets = {"mass_target": rng.uniform(0, 60, (3, k)).astype(np.float32),
-               "mass_named": (rng.random((3, k)) < 0.4).astype(np.float32),
-               "mass_total": rng.uniform(30, 90, 3).astype(np.float32)}
-    got = table.colour_mass_reward(jnp.asarray(images), targets, SHAPES.colors)
-    want = numpy_colour_mass(images, *targets.values(), SHAPES.colors)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
-    grad = jax.grad(lambda im: table.colour_mass_reward(im, targets, SHAPES.colors).sum())(jnp.asarray(images))
-    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
-
-
-def test_mass_targets_closed_form():
-    prompts = [parse_prompt(t, SHAPES) for t in ("a red circle and a blue square", "three triangles", "a green square")]
-    areas = {"circle": 40.0, "square": 50.0, "triangle": 30.0}
-    got = table.mass_targets(prompts, SHAPES, areas)
-    red, blue, green = (SHAPES.colors.index(c) for c in ("red", "blue", "green"))
-    np.testing.assert_array_equal(got["mass_total"], [90.0, 90.0, 50.0])
-    want_target = np.zeros((3, len(SHAPES.colors)), np.float32)
-    want_target[0, red], want_target[0, blue], want_target[2, green] = 40.0, 50.0, 50.0
-    np.testing.assert_array_equal(got["mass_target"], want_target)
-    np.testing.assert_array_equal(got["mass_named"], (want_target > 0).astype(np.float32))
-
-
-def test_colour_mass_reward_prefers_ground_truth_scenes():
-    """Rendered scenes of a prompt score higher than scenes of a prompt with another colour or
-    count, for each of 5 seeds (the surrogate ranks what the verifier checks for colour/count)."""
-    areas = table.object_areas(SHAPES)
-    # 7-8 pixel objects: a square fills its box (49-64 px), a circle ~pi/4 of it, a triangle ~half
-    assert 49 <= areas["square"] <= 64 and areas["triangle"] < areas["circle"] < areas["square"]
-    pairs = [("a red circle", "a blue circle"), ("a green square", "a green square and a red circle"),
-             ("three triangles", "a triangle"), ("two circles", "four circles"),
-             ("a red circle and a blue square", "a red circle and a green square")]
-    for seed in range(5):
-        right = render([p for p, _ in pairs], seed, SHAPES)
-        wrong = render([q for _, q in pairs], seed + 100, SHAPES)
-        targets = table.mass_targets([parse_prompt(p, SHAPES) for p, _ in pairs], SHAPES, areas)
-        to_float = lambda im: jnp.asarray(im, jnp.float32) / 127.5 - 1  # noqa: E731
-        r_right = np.asarray(table.colour_mass_reward(to_float(right), targets, SHAPES.colors))
-        r_wrong = np.asarray(table.colour_mass_reward(to_float(wrong), targets, SHAPES.colors))
-        assert np.all(r_right > r_wrong + 0.2) and np.all(r_right > -0.5), (seed, r_right, r_wrong)
 
 
 # --- curve bookkeeping ----------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_cli_demo_and_sample(cached, tmp_path, capsys):
     root, _, _ = cached
     out = tmp_path / "demo"
     assert cli.main(["demo", "--preset", "ci", "--cache", str(root), "--out", str(out),
-                     "--per-category", "4", "--steps", "8"]) == 0
+                     "--per-category", "4", "--steps", "8", "--post-train", "none"]) == 0
     report = json.loads((out / "scores.json").read_text())
     assert set(report["geneval_lite"]) == {"single_object", "two_object", "counting", "colors",
                                            "position", "color_attr", "overall"}

@@ -162,12 +162,15 @@ class WorldModel(nnx.Module):
         return jnp.mean((self(x_t, t, context, pooled) - (eps - x0)) ** 2)
 
     def generate(self, input_ids: jax.Array, key: jax.Array, *, steps: int = SAMPLING_STEPS,
-                 cfg_scale: float = CFG_SCALE, latents: jax.Array | None = None) -> jax.Array:
+                 cfg_scale: float = CFG_SCALE, latents: jax.Array | None = None, guidance=None) -> jax.Array:
         """uint8 images ``[B, H, W, 3]`` for token ids ``[B, L]`` (jit with ``steps`` and
-        ``cfg_scale`` static). ``cfg_scale > 1`` guides against the empty prompt."""
+        ``cfg_scale`` static). ``cfg_scale > 1`` guides against the empty prompt; a
+        ``jdpt.guidance`` method ``guidance`` (CFG-Zero*, PAG, SEG, ...) replaces ``cfg_scale``,
+        its ``"uncond"`` branch being the empty prompt."""
         context, pooled = self.encode_prompts(input_ids)
         negative = {}
-        if cfg_scale > 1:
+        uncond = "uncond" in guidance.branches if guidance is not None else cfg_scale > 1
+        if uncond:
             empty = jnp.broadcast_to(jnp.asarray(empty_prompt(input_ids.shape[1])), input_ids.shape)
             neg_context, neg_pooled = self.encode_prompts(empty)
             negative = dict(negative_prompt_embeds=neg_context, negative_pooled_prompt_embeds=neg_pooled,
@@ -176,20 +179,33 @@ class WorldModel(nnx.Module):
         return flux_generate(self.transformer, self.config.codec(), context, pooled,
                              key=None if latents is not None else key, latents=latents,
                              height=size, width=size,
-                             sigmas=flow_sigmas(steps, shift=self.config.shift), **negative)
+                             sigmas=flow_sigmas(steps, shift=self.config.shift), guidance=guidance, **negative)
 
     def tokenize(self, texts) -> np.ndarray:
         """Prompt texts -> ``int32 [B, PROMPT_TOKENS]`` ids (unknown words: ValueError)."""
         return tokenize(texts, self.config.shapes, PROMPT_TOKENS)
 
 
-def make_sampler(model: WorldModel, *, steps: int = SAMPLING_STEPS, cfg_scale: float = CFG_SCALE):
-    """A jitted ``sample(input_ids [B, L], key) -> uint8 [B, H, W, 3]`` of ``model`` (its state is
-    split once and passed as a pytree, so the function compiles once per batch shape)."""
+def make_sampler(model: WorldModel, *, steps: int = SAMPLING_STEPS, cfg_scale: float = CFG_SCALE, guidance=None):
+    """A jitted ``sample(input_ids [B, L], key, guidance=guidance) -> uint8 [B, H, W, 3]`` of
+    ``model`` (its state is split once and passed as a pytree, so the function compiles once per
+    batch shape).
+
+    ``guidance``: a ``jdpt.guidance`` method replacing ``cfg_scale`` (see
+    :meth:`WorldModel.generate`). It is a traced argument: passing another one of the same
+    structure (other scales, other SoftPAG head weights) reuses the compiled function.
+    """
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, ids, key: nnx.merge(graphdef, state).generate(ids, key, steps=steps,
-                                                                              cfg_scale=cfg_scale))
-    return lambda input_ids, key: run(state, input_ids, key)
+
+    @jax.jit
+    def run(state, ids, key, guidance):
+        extra = {} if guidance is None else {"guidance": guidance}  # models without guidance= (UNet world)
+        return nnx.merge(graphdef, state).generate(ids, key, steps=steps, cfg_scale=cfg_scale, **extra)
+
+    def sample(input_ids, key, guidance=guidance):
+        return run(state, input_ids, key, guidance)
+
+    return sample
 
 
 def empty_prompt(length: int = PROMPT_TOKENS) -> np.ndarray:

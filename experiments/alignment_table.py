@@ -32,11 +32,8 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
@@ -49,6 +46,7 @@ from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
 from jdpt.world.pretraining import eval_prompts
+from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 # The papers' headline numbers as /work/shared/methods/alignment.md records them (text, not ours).
@@ -308,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        probe_set=probe_set, progress=progress)
     report = {
         "preset": args.preset, "model": str(model_dir(args.preset, args.cache)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "device": jax.devices()[0].device_kind},
+        "machine": machine(),
         "settings": dataclasses.asdict(settings), "full": args.full, "budget_seconds": budget,
         "max_steps": args.steps, "object_areas_px": areas,
         "before": before, "before_scores": before_scores.tolist(),

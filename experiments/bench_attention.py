@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,20 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpt.kernels.attention import attention_flops, perturbed_attention, perturbed_attention_reference
+from jdpt.timing import interleaved_medians
 
 RESULTS = Path(__file__).parent / "results"
 U_MODES = ("u=0", "u=1", "mixed")
 
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, calling them in turn every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _head_weights(mode: str, heads: int) -> np.ndarray:
@@ -104,7 +94,7 @@ def bench_case(batch: int, seq: int, heads: int, dim: int, mode: str, dtype, pas
                 row["max_abs_diff_vs_pallas"] = float(np.abs(out - expected).max())
             jitted[(name, p)] = f
             rows.append(row)
-    times = _interleaved_medians(
+    times = interleaved_medians(
         {key: (lambda f=f: jax.block_until_ready(f(q, k, v))) for key, f in jitted.items()}, repeats)
     for row in rows:
         key = (row["impl"], row["pass"])

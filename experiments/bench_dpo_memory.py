@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -134,14 +133,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     import jax
 
+    from jdpt.timing import machine
+
     runs = {v: _child(v, args.rank, args.pairs) for v in ("lora", "full")}
     lora, full = runs["lora"], runs["full"]
     ratio = {k: lora[k] / full[k] for k in ("peak_bytes", "peak_minus_alias_bytes", "rss_delta_bytes")}
     report = {
         "world": WORLD, "lora_rank": args.rank, "lora_targets": LORA_TARGETS, "pairs": args.pairs,
         "optimizer": "adamw", "dtype": "float32",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "device": jax.devices()[0].device_kind},
+        "machine": machine(),
         "runs": runs, "ratio": ratio, "target": TARGET, "meets_target": ratio["peak_bytes"] <= TARGET,
     }
     out = Path(args.out)

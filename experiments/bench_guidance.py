@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -35,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpt.kernels.guidance import combine_bytes, guidance_combine
+from jdpt.timing import interleaved_medians
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {"flux-1024px": (2, 4096, 64), "sd-128x128x4": (2, 128, 128, 4)}
@@ -45,16 +44,6 @@ RULES = {  # rule -> (K, weights; step=5 keeps CFG-Zero*'s zero-init off)
     "pag": (3, dict(w=7.5, s=3.0)),
 }
 
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, calling them in turn every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_case(size: str, shape: tuple[int, ...], rule: str, dtype, repeats: int) -> list[dict]:
@@ -72,7 +61,7 @@ def bench_case(size: str, shape: tuple[int, ...], rule: str, dtype, repeats: int
         rows.append({"size": size, "shape": list(shape), "rule": rule, "K": k, "dtype": jnp.dtype(dtype).name,
                      "impl": impl, "compile_s": time.perf_counter() - start, "bytes": nbytes})
         jitted[impl] = f
-    times = _interleaved_medians(
+    times = interleaved_medians(
         {impl: (lambda f=f: jax.block_until_ready(f(predictions, traced))) for impl, f in jitted.items()}, repeats)
     diff = float(np.abs(outputs["pallas"] - outputs["xla"]).max())
     for row in rows:

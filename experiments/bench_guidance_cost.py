@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -48,6 +46,7 @@ from jdpt.guidance.cfg import cfg, split_branches
 from jdpt.models.attention import AttentionPlan, LayerPlans
 from jdpt.world.cache import PRESETS
 from jdpt.world.model import SAMPLING_STEPS, WorldModel
+from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 1.3
@@ -141,10 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {
         "preset": args.preset, "world": model.config.to_dict(), "pag_layers": layers, "batch": args.batch,
         "steps": args.steps, "repeats": args.repeats, "rows": rows, "ratios": ratios, "target": TARGET,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "backend": backend, "device": jax.devices()[0].device_kind,
-                    "pallas_interpret_mode": backend == "cpu",
-                    "load_average_1_5_15min": list(os.getloadavg())},
+        "machine": {**machine(), "pallas_interpret_mode": backend == "cpu"},
     }
     flops_xla = [rows[f"{m} (xla)"]["flops"] for m in ("CFG", "PAG", "CFG+PAG")]
     flops_note = (f"XLA cost analysis in FLOPs: PAG (xla) / CFG (xla) = {flops_xla[1] / flops_xla[0]:.3f}, "

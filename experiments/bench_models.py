@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jdpt.timing import interleaved_medians
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.5  # the goal: jdpt forward+backward at most half of diffusers' time
@@ -46,17 +47,6 @@ def _busy_cpu_s() -> float:
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, calling them in turn every repeat so that machine
-    load drifting during the run affects both sides alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _compare(ref, inputs: dict[str, np.ndarray], repeats: int, *,
@@ -118,7 +108,7 @@ def _compare(ref, inputs: dict[str, np.ndarray], repeats: int, *,
     if err > 1e-4 * max(1.0, scale):
         raise AssertionError(f"{type(ref).__name__}: max |jdpt - diffusers| = {err:.2e} exceeds 1e-4 * "
                              f"max(1, {scale:.2e}); the timings would compare different computations")
-    t = _interleaved_medians({
+    t = interleaved_medians({
         "diffusers forward": torch_forward,
         "jdpt forward": lambda: jax.block_until_ready(forward(params, jin)),
         "diffusers forward+backward": torch_train,

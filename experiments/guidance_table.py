@@ -44,8 +44,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +70,7 @@ from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.figures import image_grid
 from jdpt.world.model import SAMPLING_STEPS, WorldModel, empty_prompt, make_sampler
 from jdpt.world.pretraining import eval_prompts
+from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 NOT_QUOTED = "unverified: not quoted"
@@ -434,8 +433,7 @@ def run_table(args: argparse.Namespace) -> tuple[dict, dict[str, np.ndarray]]:
     result = {
         "preset": args.preset,
         "model": str(model_dir(args.preset, args.cache)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "device": jax.devices()[0].device_kind},
+        "machine": machine(),
         "base_model_eval": meta.get("eval"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache", "argv")},
         "command": " ".join(["python experiments/guidance_table.py", *args.argv]),

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
-import jax
 
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS
 from jdpt.world.pretraining import eval_prompts, evaluate
+from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RANGE = (0.2, 0.7)
@@ -57,8 +56,7 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "model": str(model_dir(args.preset, args.cache)),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "device": jax.devices()[0].device_kind},
+        "machine": machine(),
         "world": meta["world"],
         "pretrain": meta["pretrain"],
         "pretrain_seconds": history["seconds"],

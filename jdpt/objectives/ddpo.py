@@ -31,6 +31,7 @@ from flax import nnx
 
 from jdpt.diffusion.samplers import ddim_sample, ddim_step_logprob
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
+from jdpt.guidance.cfg import cfg
 from jdpt.objectives.denoiser import Denoiser, reference_model
 from jdpt.parallel.step import Frozen
 
@@ -55,8 +56,7 @@ def guided_prediction(denoise: Denoiser, model: nnx.Module, x: Array, t: Array, 
                          "batch['uncond'] (the update), shaped like cond; or set cfg_scale=1.0")
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
     out = denoise(model, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-    u, c = jnp.split(out.astype(jnp.float32), 2)
-    return u + cfg_scale * (c - u)
+    return cfg(*jnp.split(out, 2), cfg_scale)
 
 
 def flow_as_epsilon(denoise: Denoiser, schedule: DDPMSchedule) -> Denoiser:

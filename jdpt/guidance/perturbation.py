@@ -232,10 +232,6 @@ def seg_plans(model: nnx.Module, rows: np.ndarray, latent_size: tuple[int, int],
     return LayerPlans(default=AttentionPlan(impl=impl), layers=plans)
 
 
-def _branches(use_cfg: bool) -> tuple[str, ...]:
-    return ("uncond", "cond", "perturbed") if use_cfg else ("cond", "perturbed")
-
-
 def _combine(predictions: Array, branches: tuple[str, ...], s: Array, w, impl: str = "xla") -> Array:
     if impl != "xla":
         return kernel_combine(predictions, branches, "pag", impl, s=s, w=w if "uncond" in branches else None)
@@ -243,8 +239,20 @@ def _combine(predictions: Array, branches: tuple[str, ...], s: Array, w, impl: s
     return pag(p["cond"], p["perturbed"], s, e_u=p.get("uncond"), w=w)
 
 
+class _PerturbationGuidance:
+    """What PAG, SoftPAG and SEG share: the ``[uncond,] cond, perturbed`` batch (``use_cfg``) and
+    PAG's combination at a constant ``scale`` (PAG overrides it for its adaptive scale)."""
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return ("uncond", "cond", "perturbed") if self.use_cfg else ("cond", "perturbed")
+
+    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
+        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale, self.combine_impl)
+
+
 @struct.dataclass
-class PAG:
+class PAG(_PerturbationGuidance):
     """Perturbed-Attention Guidance (Ahn et al., ECCV 2024), diffusers' PAG pipelines.
 
     Attributes:
@@ -266,10 +274,6 @@ class PAG:
     impl: str = struct.field(pytree_node=False, default="xla")
     combine_impl: str = struct.field(pytree_node=False, default="xla")
 
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return _branches(self.use_cfg)
-
     def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans:
         return pag_plans(model, perturbed_rows(self.branches, batch), latent_size, layers=self.layers,
                          impl=self.impl)
@@ -280,7 +284,7 @@ class PAG:
 
 
 @struct.dataclass
-class SoftPAG:
+class SoftPAG(_PerturbationGuidance):
     """SoftPAG with per-(layer, head) weights ``u`` (HeadHunter, arXiv 2506.10978), combined as
     PAG. ``head_weights``: ``{layer name: u [H]}`` (traced), e.g. from
     :func:`jdpt.guidance.head_search.head_hunter`."""
@@ -292,20 +296,13 @@ class SoftPAG:
     impl: str = struct.field(pytree_node=False, default="xla")
     combine_impl: str = struct.field(pytree_node=False, default="xla")
 
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return _branches(self.use_cfg)
-
     def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans:
         return pag_plans(model, perturbed_rows(self.branches, batch), latent_size,
                          head_weights=self.head_weights, impl=self.impl)
 
-    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
-        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale, self.combine_impl)
-
 
 @struct.dataclass
-class SEG:
+class SEG(_PerturbationGuidance):
     """Smoothed Energy Guidance (Hong, NeurIPS 2024; SusungHong/SEG-SDXL), SDXL defaults.
 
     Attributes:
@@ -325,13 +322,6 @@ class SEG:
     impl: str = struct.field(pytree_node=False, default="xla")
     combine_impl: str = struct.field(pytree_node=False, default="xla")
 
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return _branches(self.use_cfg)
-
     def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans:
         return seg_plans(model, perturbed_rows(self.branches, batch), latent_size, self.sigma, layers=self.layers,
                          impl=self.impl)
-
-    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
-        return _combine(predictions, self.branches, jnp.float32(self.scale), self.cfg_scale, self.combine_impl)

@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = measure(model, guidances, batch=args.batch, steps=args.steps, repeats=args.repeats)
     ratios = {
         "PAG (pallas) / CFG (xla)": rows["PAG (pallas)"]["seconds"] / rows["CFG (xla)"]["seconds"],
+        "PAG (pallas) / CFG (pallas)": rows["PAG (pallas)"]["seconds"] / rows["CFG (pallas)"]["seconds"],
         "PAG (xla) / CFG (xla)": rows["PAG (xla)"]["seconds"] / rows["CFG (xla)"]["seconds"],
         "CFG+PAG (pallas) / CFG (xla)": rows["CFG+PAG (pallas)"]["seconds"] / rows["CFG (xla)"]["seconds"],
         "CFG+PAG (pallas) / CFG (pallas)": rows["CFG+PAG (pallas)"]["seconds"] / rows["CFG (pallas)"]["seconds"],
@@ -149,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lines = [
         "# Sampling cost: PAG and CFG+PAG vs CFG on the Shapes-world model",
         "",
-        *(["**CPU run: Pallas executes in interpret mode (the kernel emulated with XLA ops), so the Pallas rows "
-           "say nothing about GPU/TPU speed; the machine is a shared 2-core CPU.**", ""] if backend == "cpu" else []),
+        *([f"**CPU run ({result['machine']['cpus_usable']} of {result['machine']['cpus']} cores usable): Pallas "
+           "executes in interpret mode (the kernel emulated with XLA ops), so the Pallas rows say nothing about "
+           "GPU/TPU speed; compare Pallas rows with Pallas rows.**", ""] if backend == "cpu" else []),
         f"Preset `{args.preset}` architecture (random weights), {args.batch} images per run, {args.steps} Euler "
         f"steps, w = s = {args.scale:g}, PAG on `{layers}` (identity attention for the perturbed rows; Flux joint "
         f"layers: own key + text keys). Median of {args.repeats} interleaved runs after compilation.",

@@ -187,7 +187,8 @@ def markdown(report: dict) -> str:
         + (f"for a fixed budget of **{report['budget_seconds']:.0f} s** of wall-clock compute"
            if report["budget_seconds"] is not None else f"for **{report['max_steps']}** steps")
         + f" ({'full fine-tuning of the Flux transformer' if report['full'] else 'LoRA r%d' % s['lora_rank']})"
-        f" on {report['machine']['cpus']} CPU cores ({report['machine']['device']}). "
+        f" on {report['machine'].get('cpus_usable', report['machine']['cpus'])} of {report['machine']['cpus']} "
+        f"CPU cores ({report['machine']['device']}). "
         "The budget counts rollouts, rewards and updates after the first step (which compiles); "
         "evaluations and the offline data set are outside it. Online methods: "
         f"{s['prompts_per_step']} prompts x {s['group_size']} samples per step, {s['rollout_steps']} sampler "
@@ -236,16 +237,18 @@ def markdown(report: dict) -> str:
     versus = report.get("nft_vs_grpo")
     if versus:
         lines += ["", "## DiffusionNFT vs Flow-GRPO (probe GenEval-lite)", ""]
-        if "note" in versus:
-            lines.append(versus["note"] + ".")
         reach, first = versus["nft_reach"], versus["grpo_first_reach"]
-        lines.append(
-            f"Flow-GRPO ended at {versus['grpo_final_probe']:.3f} (base {versus['base_probe']:.3f}) after "
-            f"{versus['grpo_steps']} steps ({versus['grpo_seconds']:.0f} s), first reaching that score at step "
-            f"{first[0]} ({first[1]:.0f} s). DiffusionNFT "
-            + (f"reached it at step {reach[0]} ({reach[1]:.0f} s): {first[0] / max(reach[0], 1):.1f}x fewer steps "
-               f"and {first[1] / max(reach[1], 1e-9):.1f}x less time than Flow-GRPO took to get there."
-               if reach else f"never reached it (final {versus['nft_final_probe']:.3f})."))
+        if "note" in versus:  # no score to race to: report where both ended
+            lines.append(f"{versus['note']}: Flow-GRPO ended at {versus['grpo_final_probe']:.3f} and DiffusionNFT "
+                         f"at {versus['nft_final_probe']:.3f} (base {versus['base_probe']:.3f}).")
+        else:
+            lines.append(
+                f"Flow-GRPO ended at {versus['grpo_final_probe']:.3f} (base {versus['base_probe']:.3f}) after "
+                f"{versus['grpo_steps']} steps ({versus['grpo_seconds']:.0f} s), first reaching that score at step "
+                f"{first[0]} ({first[1]:.0f} s). DiffusionNFT "
+                + (f"reached it at step {reach[0]} ({reach[1]:.0f} s): {first[0] / max(reach[0], 1):.1f}x fewer "
+                   f"steps and {first[1] / max(reach[1], 1e-9):.1f}x less time than Flow-GRPO took to get there."
+                   if reach else f"never reached it (final {versus['nft_final_probe']:.3f})."))
         lines.append("The probe set is small (noisy) and scored only at the probe points, so step counts are "
                      "resolved to the probe spacing.")
     if s["offline_prompts"] and report["offline"]["pairs"]:

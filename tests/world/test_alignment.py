@@ -172,11 +172,12 @@ def test_post_train_lora_run_on_a_tiny_model():
 
 # --- jdpt demo with its post-training stage (slow) ------------------------------------------
 
-@pytest.mark.slow  # the ci base model (from $JDPT_CACHE, else pretrained: ~1 min) + 10 s of NFT + compiles
-def test_demo_post_training_stage(tmp_path, capsys):
+@pytest.mark.slow  # the ci base model (from $JDPT_CACHE, else pretrained: ~1 min) + 10 s of training + compiles
+@pytest.mark.parametrize("method", [None, "nft"])  # None: the demo's default (offline, MaPO), then an online one
+def test_demo_post_training_stage(tmp_path, capsys, method):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--preset", "ci", "--out", str(out), "--per-category", "2",
-                     "--post-train", "nft", "--post-train-seconds", "10"]) == 0
+                     *(["--post-train", method] if method else []), "--post-train-seconds", "10"]) == 0
     report = json.loads((out / "scores.json").read_text())
     post = report["post_training"]
     keys = set(CATEGORIES) | {"overall"}
@@ -184,11 +185,14 @@ def test_demo_post_training_stage(tmp_path, capsys):
     assert post["before"] == report["geneval_lite"]  # the same prompts and seeds as the base grid
     for k in keys:
         assert post["change"][k] == pytest.approx(post["after"][k] - post["before"][k], abs=1e-12)
-    assert post["method"] == "nft" and post["steps"] >= 2 and post["budget_seconds"] == 10
+    assert post["method"] == (method or "mapo") and post["steps"] >= 2 and post["budget_seconds"] == 10
     assert post["train_seconds"] >= 10 or post["steps"] >= 2
     curve = post["reward_curve"]
     assert len(curve["step"]) == len(curve["reward"]) == post["steps"]
-    assert all(0 <= x <= 1 for x in curve["reward"])  # verifier scores of the rollouts
+    if method == "nft":
+        assert all(0 <= x <= 1 for x in curve["reward"])  # verifier scores of the rollouts
+    else:
+        assert set(curve["reward"]) == {None}  # offline: no training reward
 
     from PIL import Image
 
@@ -196,4 +200,5 @@ def test_demo_post_training_stage(tmp_path, capsys):
     # 2 prompts per category both times: 6 rows of base samples vs 12 rows (base, post-trained)
     assert side.height == 2 * base_grid.height
     text = capsys.readouterr().out
-    assert "before -> after DiffusionNFT" in text and "post_trained_grid.png" in text
+    label = "DiffusionNFT" if method == "nft" else "MaPO"
+    assert f"before -> after {label}" in text and "post_trained_grid.png" in text

@@ -190,19 +190,17 @@ def sample_prompts_batched(sample: Callable, model: WorldModel, prompts: Sequenc
 
 
 def search_prompts(n_per_category: int, shapes: ShapesConfig, exclude: set[str], seed: int) -> list[Prompt]:
-    """``n_per_category`` distinct prompts of each category, those whose texts are not in
-    ``exclude`` first. Some categories have few texts (``single_object``: one per shape), so an
-    evaluation set may use them all; their search prompts then repeat evaluation texts (with
-    other noise)."""
+    """``n_per_category`` prompts of each category, distinct where the grammar has enough texts,
+    those whose texts are not in ``exclude`` first. Some categories have few texts
+    (``single_object``: one per shape), so an evaluation set may use them all; their search
+    prompts then repeat evaluation texts, and cycle through the category's texts when it has
+    fewer than ``n_per_category`` (each sample gets other noise)."""
     rng = np.random.default_rng(seed)
     out = []
     for c in CATEGORIES:
         pool = {p.text: p for p in sample_prompts(rng, 50 * n_per_category, shapes, categories=[c])}
         ranked = sorted(pool.values(), key=lambda p: p.text in exclude)  # stable: unseen texts first
-        if len(ranked) < n_per_category:
-            raise ValueError(f"the grammar has only {len(ranked)} distinct {c} prompts; lower --search-per-category "
-                             f"(got {n_per_category})")
-        out += ranked[:n_per_category]
+        out += [ranked[i % len(ranked)] for i in range(n_per_category)]
     return out
 
 

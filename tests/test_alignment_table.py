@@ -2,29 +2,16 @@
 scripts end to end on the ``ci`` preset / a tiny model. The library pieces they run
 (``jdpt.world.post_train``, the colour-mass reward) are tested in tests/world/test_alignment.py."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jdpt.world.pretraining import eval_prompts, evaluate
+from tests.experiment_scripts import load_script
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_experiment_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-table = _load("alignment_table")
-bench = _load("bench_dpo_memory")
+table = load_script("alignment_table")
+bench = load_script("bench_dpo_memory")
 
 
 # --- curve bookkeeping ----------------------------------------------------------------------

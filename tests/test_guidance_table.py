@@ -2,11 +2,8 @@
 independent references, the world model's ``guidance=`` plumbing, and (slow) both scripts end to
 end on the ``ci`` preset."""
 
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,19 +16,9 @@ from jdpt.rewards.verifier import Detection, verify
 from jdpt.world.model import make_sampler
 from jdpt.world.pretraining import eval_prompts
 from tests.objectives.fixtures_offline import TINY_WORLD, tiny_world
+from tests.experiment_scripts import load_script
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_experiment_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-table = _load("guidance_table")
+table = load_script("guidance_table")
 SHAPES = ShapesConfig()
 
 
@@ -207,7 +194,7 @@ def test_guidance_table_runs_on_the_ci_preset(tmp_path):
 
 @pytest.mark.slow  # six sampling programs compiled (three through the Pallas kernel in interpret mode): ~60 s
 def test_bench_guidance_cost_runs(tmp_path):
-    bench = _load("bench_guidance_cost")
+    bench = load_script("bench_guidance_cost")
     result = bench.main(["--preset", "ci", "--batch", "1", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
     assert set(result["rows"]) == {f"{g} ({i})" for g, i in itertools.product(("CFG", "PAG", "CFG+PAG"),
                                                                                  ("xla", "pallas"))}

@@ -26,3 +26,19 @@ def test_kernels_import_as_jdpt_kernels():
     import jdpt.kernels
 
     assert Path(jdpt.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_hub_kernels_package_is_not_shadowed():
+    """Where Hugging Face's ``kernels`` distribution is installed (transformers >= 5 requires it),
+    ``import kernels`` is that package, not this repository's folder (tests/conftest.py), and
+    transformers' hub-kernel integration imports."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing to shadow
+    import kernels
+
+    assert ROOT / "kernels" not in Path(kernels.__file__).resolve().parents
+    import transformers.integrations.hub_kernels  # noqa: F401  (raised ImportError when shadowed)

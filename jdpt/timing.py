@@ -31,8 +31,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
 
 
 def machine() -> dict:
-    """Platform, CPU count, the CPUs this process may use, JAX version, backend, device kind and
-    the 1/5/15-minute load average."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+    """Platform, CPU count, the CPUs this process may use (where the OS tells: Linux), JAX version,
+    backend, device kind and the 1/5/15-minute load average."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": usable,
             "jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}

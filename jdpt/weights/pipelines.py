@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 from flax import nnx
-from transformers import AutoTokenizer
 
 from jdpt.diffusion.schedules import flow_sigmas, flux_mu
 from jdpt.weights.diffusers import from_diffusers
@@ -137,8 +136,17 @@ def load_flux_pipeline(folder: str | os.PathLike, *, dtype: Any = None, revision
         transformer=models["transformer"],
         vae=models["vae"],
         clip=models["text_encoder"],
-        clip_tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        clip_tokenizer=load_tokenizer(root / "tokenizer"),
         t5=models["text_encoder_2"],
-        t5_tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+        t5_tokenizer=load_tokenizer(root / "tokenizer_2"),
         scheduler=scheduler,
     )
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """``transformers.AutoTokenizer`` from a pipeline's tokenizer folder (nothing downloaded).
+    transformers is imported here, not with jdpt: importing it is slow and, without PyTorch
+    installed, it prints a warning that has nothing to do with jdpt."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from flax import nnx
-from transformers import AutoTokenizer
 
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.weights.diffusers import from_diffusers
 from jdpt.weights.files import WeightsError
 from jdpt.weights.pipeline_folder import DDIM_CONVERTIBLE, open_pipeline, read_scheduler_config
-from jdpt.weights.pipelines import FlowMatchScheduler
+from jdpt.weights.pipelines import FlowMatchScheduler, load_tokenizer
 
 _VAE = ("AutoencoderKL",)
 _UNET = ("UNet2DConditionModel",)
@@ -241,4 +240,4 @@ def _models(root: Path, names: tuple[str, ...], dtype: Any) -> dict[str, nnx.Mod
 
 
 def _tokenizer(root: Path, name: str):
-    return AutoTokenizer.from_pretrained(root / name)
+    return load_tokenizer(root / name)

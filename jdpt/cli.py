@@ -117,6 +117,7 @@ def demo(args: argparse.Namespace) -> int:
     if args.post_train == "none":
         return 0
 
+    from jdpt.rewards.verifier import verify
     from jdpt.world.alignment import AlignSettings, post_train
     from jdpt.world.alignment_runs import standard_error
     settings = AlignSettings()
@@ -138,13 +139,20 @@ def demo(args: argparse.Namespace) -> int:
     image_grid(np.concatenate(tiles), captions, columns=shown, passed=passed,
                row_labels=labels).save(out / "post_trained_grid.png")
     noise = 2 * np.sqrt(2) * standard_error(summary, args.per_category)
+    # Clutter check: GenEval's presence rules ignore extra objects, so a policy can gain by drawing
+    # more; strict scoring fails any image with objects the prompt does not name.
+    shapes = model.config.shapes
+    clutter = {"named_objects_per_prompt": float(np.mean([sum(o.count for o in p.objects) for p in prompts]))}
+    for who, samples, v in (("before", images, verdict), ("after", tuned, tuned_verdict)):
+        clutter[f"objects_per_image_{who}"] = float(np.mean([len(o) for o in v.objects]))
+        clutter[f"strict_overall_{who}"] = verify(samples, prompts, shapes, strict=True).summary()["overall"]
     report["post_training"] = {
         "method": result.method, "label": result.label, "trainable": result.trainable,
         "learning_rate": result.learning_rate, "budget_seconds": args.post_train_seconds, "steps": result.steps,
         "train_seconds": result.train_seconds, "compile_seconds": result.compile_seconds,
         "mean_iteration_seconds": result.mean_iteration_seconds, "memory": result.memory,
         "reward_curve": result.train_curve, "before": summary, "after": after,
-        "change": {k: after[k] - summary[k] for k in summary}, "noise_threshold": noise,
+        "change": {k: after[k] - summary[k] for k in summary}, "noise_threshold": noise, "clutter": clutter,
     }
     (out / "scores.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nGenEval-lite before -> after {result.label} ({result.steps} steps, {result.train_seconds:.0f} s; "
@@ -154,6 +162,10 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{name:<15}{summary[name]:>8.3f}{after[name]:>8.3f}{after[name] - summary[name]:>+9.3f}")
     print(f"(one sample per prompt: an overall change below {noise:.3f}, two standard errors of a "
           "difference, is within noise)")
+    print(f"detected objects per image {clutter['objects_per_image_before']:.2f} -> "
+          f"{clutter['objects_per_image_after']:.2f} (the prompts name {clutter['named_objects_per_prompt']:.2f}); "
+          f"strict GenEval-lite, extra objects failing: {clutter['strict_overall_before']:.3f} -> "
+          f"{clutter['strict_overall_after']:.3f}")
     print(f"\nwrote {out / 'post_trained_grid.png'} (per category: base row, then {result.method} row) and "
           f"updated {out / 'scores.json'}")
     return 0

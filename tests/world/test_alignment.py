@@ -17,6 +17,7 @@ from jdpt import cli
 from jdpt.data.shapes import CATEGORIES, PALETTE, ShapesConfig, parse_prompt, render
 from jdpt.world import AlignSettings, WorldConfig, WorldModel, post_train
 from jdpt.world.alignment_runs import make_offline_data
+from jdpt.world.cache import PRESETS
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets, object_areas
 from jdpt.world.pretraining import eval_prompts
 
@@ -183,6 +184,12 @@ def test_demo_post_training_stage(tmp_path, capsys, method):
     keys = set(CATEGORIES) | {"overall"}
     assert set(post["before"]) == set(post["after"]) == set(post["change"]) == keys
     assert post["before"] == report["geneval_lite"]  # the same prompts and seeds as the base grid
+    clutter = post["clutter"]
+    assert clutter["named_objects_per_prompt"] == pytest.approx(np.mean(
+        [sum(o.count for o in p.objects) for p in eval_prompts(2, PRESETS["ci"][0])]))
+    for who in ("before", "after"):  # strict scoring can only fail more images
+        assert 0 <= clutter[f"strict_overall_{who}"] <= post[who]["overall"]
+        assert clutter[f"objects_per_image_{who}"] >= 0
     for k in keys:
         assert post["change"][k] == pytest.approx(post["after"][k] - post["before"][k], abs=1e-12)
     assert post["method"] == (method or "mapo") and post["steps"] >= 2 and post["budget_seconds"] == 10

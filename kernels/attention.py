@@ -18,10 +18,11 @@ Kernels (``pl.pallas_call``: Triton on GPU, Mosaic on TPU, ``interpret=True`` on
   part of the normal one; the own-key term is a row-wise dot product. A query block whose heads
   have ``u == 1`` and that holds no text query skips every image key block (``lax.cond``): PAG
   heads cost O(T) (identity) or O(T * (n_text + 1)) (joint) instead of O(T^2).
-- backward (``jax.custom_vjp``): two Pallas kernels in the FlashAttention-2 layout, dq (grid over
-  query blocks) and dk/dv (grid over key blocks), recomputing probabilities from the saved
-  log-sum-exp. Block pairs whose every coefficient is zero (``u == 1`` rows) are skipped. The
-  O(T) own-key (diagonal) terms of the perturbed map, and the gradient of ``u``, are plain JAX.
+- backward (``jax.custom_vjp``): two Pallas kernels in the FlashAttention-2 layout
+  (:mod:`jdpt.kernels.attention_backward`), dq (grid over query blocks) and dk/dv (grid over key
+  blocks), recomputing probabilities from the saved log-sum-exp. Block pairs whose every
+  coefficient is zero (``u == 1`` rows) are skipped. The O(T) own-key (diagonal) terms of the
+  perturbed map, and the gradient of ``u``, are plain JAX.
   The forward pass run under differentiation does not skip ``u == 1`` heads (their normal output
   is needed for d out / d u); inference calls do.
 
@@ -47,13 +48,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jdpt.kernels.attention_backward import backward_kernels
+from jdpt.kernels.attention_blocks import NEG, Static, block_range, dot, dot_t, is_text, specs
 from jdpt.models.attention import register_implementation
 
 Array = jax.Array
 
-# Finite "minus infinity": masked logits and the running max start here, so that fully masked
-# rows give exp(NEG - NEG) * 0 = 0 instead of NaN.
-NEG = -1e30
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,61 +131,11 @@ def _broadcast_u(u: Array, batch: int, heads: int) -> Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# Forward kernel (the backward kernels: jdpt.kernels.attention_backward)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Static configuration of one kernel call (hashable: a ``custom_vjp`` non-diff argument)."""
-
-    scale: float
-    q_len: int  # true (unpadded) number of queries
-    q_len_padded: int  # queries after padding to the block size
-    kv_len: int  # true number of keys
-    block_q: int
-    block_k: int
-    text: tuple[int, int] | None  # joint text span, None for identity PAG
-    causal: bool
-    perturbed: bool  # a head_weight is given
-    skip: bool  # may skip the normal attention of u == 1 query blocks (inference only)
-    interpret: bool
-
-    def key_ranges(self) -> tuple[tuple[int, int] | None, tuple[tuple[int, int], ...]]:
-        """(text key range or None, image key ranges): half-open column intervals."""
-        if self.text is None or self.text[1] == 0:
-            return None, ((0, self.kv_len),)
-        lo, hi = self.text[0], self.text[0] + self.text[1]
-        image = tuple(r for r in ((0, lo), (hi, self.kv_len)) if r[0] < r[1])
-        return (lo, hi), image
-
-
-def _dot_t(a: Array, b: Array) -> Array:
-    """``a @ b.T`` with fp32 accumulation: ``[M, D] x [N, D] -> [M, N]``."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a: Array, b: Array) -> Array:
-    """``a @ b`` with fp32 accumulation."""
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a: Array, b: Array) -> Array:
-    """``a.T @ b`` with fp32 accumulation: ``[M, N] x [M, D] -> [N, D]``."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _is_text(pos: Array, cfg: _Static) -> Array:
-    if cfg.text is None or cfg.text[1] == 0:
-        return jnp.zeros(pos.shape, bool)
-    return (pos >= cfg.text[0]) & (pos < cfg.text[0] + cfg.text[1])
-
-
-def _block_range(lo: int, hi: int, block: int) -> tuple[int, int]:
-    return lo // block, -(-hi // block)
-
-
-def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
+def _fwd_kernel(*refs, cfg: Static, residuals: bool):
     """One (batch, head, query block) program of the forward pass.
 
     refs: q [bq, D], k [Sp, D], v [Sp, D], (u scalar), then outputs out [bq, D], lse [bq],
@@ -213,7 +163,7 @@ def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
             start = pl.multiple_of(kb * bk, bk)
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
-            s = _dot_t(q, k) * cfg.scale
+            s = dot_t(q, k) * cfg.scale
             cols = start + jnp.arange(bk)
             keep = ((cols >= lo) & (cols < hi))[None, :]
             if cfg.causal:
@@ -223,10 +173,10 @@ def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
             alpha = jnp.exp(m - m_new)
             p = jnp.where(keep, jnp.exp(s - m_new[:, None]), 0.0)
             l = alpha * l + jnp.sum(p, axis=-1)
-            acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+            acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
             return m_new, l, acc
 
-        kb_lo, kb_hi = _block_range(lo, hi, bk)
+        kb_lo, kb_hi = block_range(lo, hi, bk)
         if cfg.causal:  # key blocks entirely after the query block's last row are all masked
             kb_hi = jnp.minimum(kb_hi, ((qi + 1) * bq + bk - 1) // bk)
         return jax.lax.fori_loop(kb_lo, kb_hi, body, carry)
@@ -267,7 +217,7 @@ def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
     else:
         o_pert, lse_pert = v_self, None
     u = u_ref[()]
-    u_row = jnp.where(_is_text(rows, cfg), 0.0, u)
+    u_row = jnp.where(is_text(rows, cfg), 0.0, u)
 
     def write(o_full, lse):
         out = (1.0 - u_row)[:, None] * o_full + u_row[:, None] * o_pert
@@ -281,7 +231,7 @@ def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
 
     if cfg.skip:
         # PAG heads: no image key block is visited unless a text query (never perturbed) is here.
-        skip = (u == 1.0) & jnp.logical_not(jnp.any(_is_text(rows, cfg)))
+        skip = (u == 1.0) & jnp.logical_not(jnp.any(is_text(rows, cfg)))
         o_full, lse = jax.lax.cond(
             skip,
             lambda: (jnp.zeros_like(o_pert), jnp.zeros((bq,), jnp.float32)),
@@ -292,21 +242,11 @@ def _fwd_kernel(*refs, cfg: _Static, residuals: bool):
     write(o_full, lse)
 
 
-def _specs(cfg: _Static, d: int, sp: int):
-    """BlockSpecs over the grid (B, H, blocks) for row blocks, full K/V and per-row vectors."""
-    bq = cfg.block_q
-    row = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
-    full = pl.BlockSpec((None, None, sp, d), lambda b, h, i: (b, h, 0, 0))
-    vec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    scalar = pl.BlockSpec((None, None), lambda b, h, i: (b, h))
-    return row, full, vec, scalar
-
-
-def _forward(q, k, v, u, cfg: _Static, residuals: bool):
+def _forward(q, k, v, u, cfg: Static, residuals: bool):
     """Run the forward kernel on head-major padded operands ``[B, H, Tp, Dp]``."""
     b, h, tp, d = q.shape
     sp = k.shape[2]
-    row, full, vec, scalar = _specs(cfg, d, sp)
+    row, full, vec, scalar = specs(cfg, d, sp)
     joint = cfg.perturbed and cfg.text is not None and cfg.text[1] > 0
     in_specs = [row, full, full] + ([scalar] if cfg.perturbed else [])
     args = (q, k, v) + ((u,) if cfg.perturbed else ())
@@ -330,153 +270,18 @@ def _forward(q, k, v, u, cfg: _Static, residuals: bool):
     )(*args)
 
 
-def _bwd_dq_kernel(*refs, cfg: _Static, joint: bool):
-    """dq for one (batch, head, query block): loop over key blocks.
-
-    refs: q [bq, D], k [Sp, D], v [Sp, D], do [bq, D], lse [bq], a [bq], c [bq],
-    (joint: lse_pert [bq], b [bq], e [bq]), out dq [bq, D].
-    dS = P o (a dPV - c) + Q_text o (b dPV - e) with dPV = dO V^T.
-    """
-    it = iter(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, a_ref, c_ref = (next(it) for _ in range(7))
-    lsep_ref, b_ref, e_ref = (next(it), next(it), next(it)) if joint else (None, None, None)
-    dq_ref = next(it)
-    bq, bk = cfg.block_q, cfg.block_k
-    qi = pl.program_id(2)
-    rows = qi * bq + jnp.arange(bq)
-    q, do = q_ref[...], do_ref[...]
-    lse, a, c = lse_ref[...], a_ref[...], c_ref[...]
-    if joint:
-        lsep, bw, e = lsep_ref[...], b_ref[...], e_ref[...]
-    text_range, _ = cfg.key_ranges()
-
-    def body(kb, dq):
-        start = pl.multiple_of(kb * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _dot_t(q, k) * cfg.scale
-        cols = start + jnp.arange(bk)
-        keep = (cols < cfg.kv_len)[None, :]
-        if cfg.causal:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        p = jnp.where(keep, jnp.exp(s - lse[:, None]), 0.0)
-        dpv = _dot_t(do, v)
-        ds = p * (a[:, None] * dpv - c[:, None])
-        if joint:
-            qt = jnp.where(keep & _is_text(cols, cfg)[None, :], jnp.exp(s - lsep[:, None]), 0.0)
-            ds = ds + qt * (bw[:, None] * dpv - e[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
-
-    def loop(lo, hi, dq):
-        kb_lo, kb_hi = _block_range(lo, hi, bk)
-        if cfg.causal:
-            kb_hi = jnp.minimum(kb_hi, ((qi + 1) * bq + bk - 1) // bk)
-        return jax.lax.fori_loop(kb_lo, kb_hi, body, dq)
-
-    dq = jnp.zeros(q.shape, jnp.float32)
-    need_p = jnp.any(a != 0.0) | jnp.any(c != 0.0)
-    if text_range is None:
-        dq = jax.lax.cond(need_p, lambda: loop(0, cfg.kv_len, dq), lambda: dq)
-    else:  # without the normal map only the text key blocks carry gradient
-        dq = jax.lax.cond(need_p, lambda: loop(0, cfg.kv_len, dq), lambda: loop(*text_range, dq))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
-def _bwd_dkv_kernel(*refs, cfg: _Static, joint: bool):
-    """dk, dv for one (batch, head, key block): loop over query blocks (same refs as dq, with
-    full-length q / do / row vectors and this key block's k / v)."""
-    it = iter(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, a_ref, c_ref = (next(it) for _ in range(7))
-    lsep_ref, b_ref, e_ref = (next(it), next(it), next(it)) if joint else (None, None, None)
-    dk_ref, dv_ref = next(it), next(it)
-    bq, bk = cfg.block_q, cfg.block_k
-    kj = pl.program_id(2)
-    cols = kj * bk + jnp.arange(bk)
-    k, v = k_ref[...], v_ref[...]
-    col_keep = (cols < cfg.kv_len)[None, :]
-    col_text = _is_text(cols, cfg)[None, :]
-    block_has_text = jnp.any(col_text) if joint else False
-
-    def body(ib, carry):
-        dk, dv = carry
-        start = pl.multiple_of(ib * bq, bq)
-        rows = start + jnp.arange(bq)
-        sl = pl.ds(start, bq)
-        a, c = a_ref[sl], c_ref[sl]
-        needed = jnp.any(a != 0.0) | jnp.any(c != 0.0)
-        if joint:
-            bw, e = b_ref[sl], e_ref[sl]
-            needed = needed | (block_has_text & jnp.any(bw != 0.0))
-
-        def compute():
-            q, do, lse = q_ref[sl, :], do_ref[sl, :], lse_ref[sl]
-            s = _dot_t(q, k) * cfg.scale
-            keep = col_keep
-            if cfg.causal:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = jnp.where(keep, jnp.exp(s - lse[:, None]), 0.0)
-            dpv = _dot_t(do, v)
-            w = a[:, None] * p
-            ds = p * (a[:, None] * dpv - c[:, None])
-            if joint:
-                qt = jnp.where(keep & col_text, jnp.exp(s - lsep_ref[sl][:, None]), 0.0)
-                w = w + bw[:, None] * qt
-                ds = ds + qt * (bw[:, None] * dpv - e[:, None])
-            return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(w.astype(do.dtype), do)
-
-        return jax.lax.cond(needed, compute, lambda: (dk, dv))
-
-    nq = cfg.q_len_padded // bq
-    ib_lo = (kj * bk) // bq if cfg.causal else 0
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(ib_lo, nq, body, (zeros, zeros))
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _backward_kernels(q, k, v, do, lse, a, c, extra, cfg: _Static):
-    """dq, dk, dv of the O(T*S) block terms (head-major padded operands)."""
-    b, h, tp, d = q.shape
-    sp = k.shape[2]
-    joint = extra is not None
-    row, full, vec, _ = _specs(cfg, d, sp)
-    vecs = (lse, a, c) + (tuple(extra) if joint else ())
-    dq = pl.pallas_call(
-        functools.partial(_bwd_dq_kernel, cfg=cfg, joint=joint),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(b, h, tp // cfg.block_q),
-        in_specs=[row, full, full, row] + [vec] * len(vecs),
-        out_specs=row,
-        interpret=cfg.interpret,
-        name="perturbed_attention_bwd_dq",
-    )(q, k, v, do, *vecs)
-    krow = pl.BlockSpec((None, None, cfg.block_k, d), lambda b_, h_, j: (b_, h_, j, 0))
-    qfull = pl.BlockSpec((None, None, tp, d), lambda b_, h_, j: (b_, h_, 0, 0))
-    vfull = pl.BlockSpec((None, None, tp), lambda b_, h_, j: (b_, h_, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg, joint=joint),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(b, h, sp // cfg.block_k),
-        in_specs=[qfull, krow, krow, qfull] + [vfull] * len(vecs),
-        out_specs=[krow, krow],
-        interpret=cfg.interpret,
-        name="perturbed_attention_bwd_dkv",
-    )(q, k, v, do, *vecs)
-    return dq, dk, dv
-
-
 # --------------------------------------------------------------------------------------------
 # custom_vjp core on head-major padded operands
 # --------------------------------------------------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _core(q, k, v, u, cfg: _Static):
+def _core(q, k, v, u, cfg: Static):
     out, lse = _forward(q, k, v, u, cfg, residuals=False)
     return out, lse
 
 
-def _core_fwd(q, k, v, u, cfg: _Static):
+def _core_fwd(q, k, v, u, cfg: Static):
     # Under differentiation the normal map of u == 1 heads is still computed: d out / d u needs it.
     outs = _forward(q, k, v, u, dataclasses.replace(cfg, skip=False), residuals=True)
     out, lse, o_full = outs[:3]
@@ -484,7 +289,7 @@ def _core_fwd(q, k, v, u, cfg: _Static):
     return (out, lse), (q, k, v, u, lse, o_full, joint_res)
 
 
-def _core_bwd(cfg: _Static, res, cotangents):
+def _core_bwd(cfg: Static, res, cotangents):
     q, k, v, u, lse, o_full, joint_res = res
     dout, dlse = cotangents
     f32 = jnp.float32
@@ -496,9 +301,9 @@ def _core_bwd(cfg: _Static, res, cotangents):
     if not cfg.perturbed:
         a = jnp.where(valid, 1.0, 0.0) * jnp.ones_like(dot_full)
         c = a * dot_full - dlse
-        dq, dk, dv = _backward_kernels(q, k, v, dout.astype(q.dtype), lse, a, c, None, cfg)
+        dq, dk, dv = backward_kernels(q, k, v, dout.astype(q.dtype), lse, a, c, None, cfg)
         return dq, dk, dv, None
-    u_row = jnp.where(valid & ~_is_text(pos, cfg)[None, None, :], u[:, :, None], 0.0)
+    u_row = jnp.where(valid & ~is_text(pos, cfg)[None, None, :], u[:, :, None], 0.0)
     a = jnp.where(valid, 1.0 - u_row, 0.0)
     c = a * dot_full - dlse
     vf = v.astype(f32)
@@ -509,7 +314,7 @@ def _core_bwd(cfg: _Static, res, cotangents):
     else:
         o_pert = vf
         extra = None
-    dq, dk, dv = _backward_kernels(q, k, v, dout.astype(q.dtype), lse, a, c, extra, cfg)
+    dq, dk, dv = backward_kernels(q, k, v, dout.astype(q.dtype), lse, a, c, extra, cfg)
     # Own-key (diagonal) terms of the perturbed map, O(T): Q_ii and its logit s_ii.
     if joint_res:
         s_self = jnp.sum(q.astype(f32) * k.astype(f32), axis=-1) * cfg.scale
@@ -521,7 +326,7 @@ def _core_bwd(cfg: _Static, res, cotangents):
     else:  # identity: Q = I has no logit dependence
         dv = (dv.astype(f32) + u_row[..., None] * do).astype(v.dtype)
     # d out / d u = o_pert - o_full on image rows.
-    image = valid & ~_is_text(pos, cfg)[None, None, :]
+    image = valid & ~is_text(pos, cfg)[None, None, :]
     du = jnp.sum(jnp.where(image[..., None], do * (o_pert.astype(f32) - o_full.astype(f32)), 0.0),
                  axis=(2, 3))
     return dq, dk, dv, du.astype(u.dtype)
@@ -600,7 +405,7 @@ def perturbed_attention(
         bq = bk = max(bq, bk)
     dp = max(16, pl.next_power_of_2(d))
     tp = -(-t // bq) * bq
-    cfg = _Static(
+    cfg = Static(
         scale=float(d**-0.5 if scale is None else scale), q_len=t, q_len_padded=tp, kv_len=s,
         block_q=bq, block_k=bk, text=text, causal=bool(is_causal),
         perturbed=head_weight is not None, skip=not return_lse, interpret=bool(interpret),
@@ -611,7 +416,7 @@ def perturbed_attention(
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _apply(q, k, v, u, cfg: _Static, dp: int, return_lse: bool):
+def _apply(q, k, v, u, cfg: Static, dp: int, return_lse: bool):
     """Pad and transpose to head-major blocks, run the kernels, undo (jitted: eager callers
     reuse the compiled kernels)."""
     t, d = q.shape[1], q.shape[3]

@@ -40,13 +40,13 @@ from PIL import Image, ImageDraw
 
 from jdpt.data.shapes import CATEGORIES, Prompt
 from jdpt.parallel.step import Frozen
+from jdpt.timing import machine
 from jdpt.world.alignment import METHODS, OFFLINE, REWARDS, AlignSettings, post_train
 from jdpt.world.alignment_runs import OfflineData, geneval, make_offline_data, standard_error
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
 from jdpt.world.pretraining import eval_prompts
-from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 # The papers' headline numbers as /work/shared/methods/alignment.md records them (text, not ours).

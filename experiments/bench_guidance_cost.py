@@ -6,16 +6,18 @@ decoding) of ``--batch`` images with
 
 - ``CFG``: ``[uncond, cond]``, every attention through the implementation named in the row;
 - ``PAG``: ``[cond, perturbed]`` (``jdpt.guidance.PAG(use_cfg=False)``, the PAG paper's sampler
-  ``e_c + s (e_c - e_p)``), identity attention for the perturbed rows in the PAG layers (diffusers' DiT default, transformer block 1, or the last
-  double-stream block if the model has none; Flux's joint layers use the MMDiT identity map:
-  a perturbed image query sees its own key and the text keys).
+  ``e_c + s (e_c - e_p)``), identity attention for the perturbed rows in the PAG layers
+  (diffusers' DiT default, transformer block 1, or the last double-stream block if the model has
+  none; Flux's joint layers use the MMDiT identity map: a perturbed image query sees its own key
+  and the text keys);
+- ``CFG+PAG``: ``[uncond, cond, perturbed]`` (``PAG(use_cfg=True)``), the same perturbation;
 
 each through ``impl="xla"`` and ``impl="pallas"`` (``jdpt.kernels.attention``, which skips the
 QK^T of perturbed heads), after compilation, as the median of ``--repeats`` interleaved runs.
 PAG's batch is as large as CFG's (two branches), so the 1.3x target compares equal work, less the
 QK^T the kernel skips. CFG+PAG's batch is 3/2 of CFG's, so without any saving its cost is 1.5x; it
-is reported beside, against the same target. ``flops ratio`` is XLA's cost analysis of the
-compiled programs (for Pallas on CPU: of the interpreted kernel, not meaningful).
+is reported beside, against the same target. The FLOP ratios under the tables are XLA's cost
+analysis of the compiled XLA programs.
 
 The model is the preset's architecture with random weights (timing does not depend on them).
 On the CPU the Pallas kernel runs in interpret mode (emulated with XLA ops): its timings say
@@ -44,9 +46,9 @@ from flax import nnx, struct
 from jdpt.guidance import PAG
 from jdpt.guidance.cfg import cfg, split_branches
 from jdpt.models.attention import AttentionPlan, LayerPlans
+from jdpt.timing import machine
 from jdpt.world.cache import PRESETS
 from jdpt.world.model import SAMPLING_STEPS, WorldModel
-from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 1.3

@@ -66,11 +66,11 @@ from jdpt.guidance.perturbation import DIT_DEFAULT_LAYERS, select_layers
 from jdpt.guidance.style_aligned import StyleAlignedConfig, world_style_aligned
 from jdpt.models.flux import unpack_latents
 from jdpt.rewards.verifier import Detection, verify
+from jdpt.timing import machine
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.figures import image_grid
 from jdpt.world.model import SAMPLING_STEPS, WorldModel, empty_prompt, make_sampler
 from jdpt.world.pretraining import eval_prompts
-from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 NOT_QUOTED = "unverified: not quoted"

@@ -21,10 +21,10 @@ import os
 from pathlib import Path
 
 
+from jdpt.timing import machine
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS
 from jdpt.world.pretraining import eval_prompts, evaluate
-from jdpt.timing import machine
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RANGE = (0.2, 0.7)

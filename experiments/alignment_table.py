@@ -73,6 +73,7 @@ def train_method(method: str, base: WorldModel, data: OfflineData | None, settin
         "train_seconds": r.train_seconds, "compile_seconds": r.compile_seconds,
         "mean_iteration_seconds": r.mean_iteration_seconds, "mean_update_seconds": r.mean_update_seconds,
         "memory": r.memory, "after": r.after, "after_scores": r.after_scores.tolist(),
+        "after_clutter": r.after_clutter,
         "probe_curve": r.probe_curve, "train_curve": r.train_curve,
     }
 
@@ -218,6 +219,26 @@ def markdown(report: dict) -> str:
         "temporaries (an upper bound: donated state aliases part of the outputs; rollouts not included). "
         "The papers' numbers are on SD/SDXL/SD3.5-M at 512-1024 px with their rewards: they are printed for "
         "direction only, not comparable in scale.",
+    ]
+    clutter = report["before_clutter"]
+    lines += [
+        "",
+        "## Clutter check",
+        "",
+        "GenEval's presence rules (single object, two objects, colours, position, colour attribution) "
+        "pass an image that holds the named objects among others, so a policy can gain by drawing more. "
+        "Detected objects per image against what the prompts name "
+        f"({clutter['named_objects_per_prompt']:.2f} on average), and the strict overall score that fails "
+        "any image with an object its prompt does not name:",
+        "",
+        "| method | objects per image before -> after | strict overall before -> after |",
+        "|---|---|---|",
+    ]
+    for r in results.values():
+        a = r["after_clutter"]
+        lines.append(f"| {r['label']} | {clutter['objects_per_image']:.2f} -> {a['objects_per_image']:.2f} | "
+                     f"{clutter['strict_overall']:.3f} -> {a['strict_overall']:.3f} |")
+    lines += [
         "",
         "## Training reward, first vs last 5 steps, and the probe curve",
         "",
@@ -298,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_set = eval_prompts(settings.eval_per_category, base.config)
     probe_set = eval_prompts(settings.probe_per_category, base.config, seed=2025)
     graphdef, params, rest = nnx.split(base, nnx.Param, ...)
-    before, before_scores = geneval(params, Frozen(graphdef, rest), eval_set, config, seed=settings.seed + 8)
+    base_verdict = geneval(params, Frozen(graphdef, rest), eval_set, config, seed=settings.seed + 8)
     areas = object_areas(config)
     data = make_offline_data(base, settings, progress=progress) if set(methods) & set(OFFLINE) else None
 
@@ -312,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "settings": dataclasses.asdict(settings), "full": args.full, "budget_seconds": budget,
         "max_steps": args.steps, "object_areas_px": areas,
-        "before": before, "before_scores": before_scores.tolist(),
+        "before": base_verdict.summary(), "before_scores": base_verdict.score.tolist(),
+        "before_clutter": base_verdict.clutter(),
         "offline": None if data is None else {"score": data.score, "pairs": len(data.pairs),
                                               "winners": len(data.winners), "seconds": data.seconds},
         "results": results, "nft_vs_grpo": nft_vs_grpo(results),

@@ -117,7 +117,6 @@ def demo(args: argparse.Namespace) -> int:
     if args.post_train == "none":
         return 0
 
-    from jdpt.rewards.verifier import verify
     from jdpt.world.alignment import AlignSettings, post_train
     from jdpt.world.alignment_runs import standard_error
     settings = AlignSettings()
@@ -141,11 +140,12 @@ def demo(args: argparse.Namespace) -> int:
     noise = 2 * np.sqrt(2) * standard_error(summary, args.per_category)
     # Clutter check: GenEval's presence rules ignore extra objects, so a policy can gain by drawing
     # more; strict scoring fails any image with objects the prompt does not name.
-    shapes = model.config.shapes
-    clutter = {"named_objects_per_prompt": float(np.mean([sum(o.count for o in p.objects) for p in prompts]))}
-    for who, samples, v in (("before", images, verdict), ("after", tuned, tuned_verdict)):
-        clutter[f"objects_per_image_{who}"] = float(np.mean([len(o) for o in v.objects]))
-        clutter[f"strict_overall_{who}"] = verify(samples, prompts, shapes, strict=True).summary()["overall"]
+    clutter = {}
+    for who, v in (("before", verdict), ("after", tuned_verdict)):
+        c = v.clutter()
+        clutter["named_objects_per_prompt"] = c["named_objects_per_prompt"]
+        clutter[f"objects_per_image_{who}"] = c["objects_per_image"]
+        clutter[f"strict_overall_{who}"] = c["strict_overall"]
     report["post_training"] = {
         "method": result.method, "label": result.label, "trainable": result.trainable,
         "learning_rate": result.learning_rate, "budget_seconds": args.post_train_seconds, "steps": result.steps,

@@ -56,6 +56,9 @@ def _smoke(tmp_path, methods, *extra):
         assert r["probe_curve"]["step"][0] == 0 and r["probe_curve"]["step"][-1] == 2
         assert all(np.isfinite(r["train_curve"]["loss"]))
         assert set(r["after"]) == set(stored["before"])
+        clutter = r["after_clutter"]
+        assert clutter["strict_overall"] <= r["after"]["overall"]  # strict only fails more images
+        assert f"{stored['before_clutter']['objects_per_image']:.2f} -> {clutter['objects_per_image']:.2f}" in md
     return report
 
 

@@ -81,11 +81,29 @@ class Verdict:
         score: float32 ``[B]``: 1.0 where the image satisfies its prompt, else 0.0.
         category: ``[B]`` the prompts' categories.
         objects: ``[B]`` the detections of each image.
+        named: ``[B]`` how many objects each prompt names (None when not known).
     """
 
     score: np.ndarray
     category: tuple[str, ...]
     objects: tuple[tuple[Detection, ...], ...]
+    named: tuple[int, ...] | None = None
+
+    def strict(self) -> Verdict:
+        """This verdict with images failed that hold objects their prompt does not name: the
+        same as ``verify(..., strict=True)``, from the detections already made."""
+        if self.named is None:
+            raise ValueError("this Verdict does not know how many objects each prompt names; "
+                             "make it with verify(), which records them")
+        exact = np.array([len(o) == n for o, n in zip(self.objects, self.named)], np.float32)
+        return dataclasses.replace(self, score=self.score * exact)
+
+    def clutter(self) -> dict[str, float]:
+        """Mean detected objects per image, mean objects the prompts name, and the strict overall
+        score: a policy that gains by drawing extra objects shows up here, not in ``summary``."""
+        return {"objects_per_image": float(np.mean([len(o) for o in self.objects])),
+                "named_objects_per_prompt": float(np.mean(self.named)) if self.named is not None else float("nan"),
+                "strict_overall": self.strict().summary()["overall"]}
 
     def summary(self) -> dict[str, float]:
         """Mean score per category present, in :data:`CATEGORIES` order, and ``"overall"``: the
@@ -206,9 +224,7 @@ def _related(a: Detection, b: Detection, relation: str, margin: float) -> bool:
     return along > margin and along > abs(across)
 
 
-def _satisfied(prompt: Prompt, found: Sequence[Detection], margin: float, strict: bool) -> bool:
-    if strict and len(found) != sum(spec.count for spec in prompt.objects):
-        return False
+def _satisfied(prompt: Prompt, found: Sequence[Detection], margin: float) -> bool:
     if prompt.category == "counting":
         spec = prompt.objects[0]
         return sum(_matches(f, spec) for f in found) == spec.count
@@ -235,8 +251,10 @@ def verify(images, prompts: Sequence[Prompt | str], config: ShapesConfig = Shape
                          "per image (repeat a prompt for several samples of it)")
     found = detect(images, config)
     margin = config.image_size / config.grid / 4
-    score = np.array([_satisfied(p, f, margin, strict) for p, f in zip(prompts, found)], np.float32)
-    return Verdict(score, tuple(p.category for p in prompts), tuple(tuple(f) for f in found))
+    score = np.array([_satisfied(p, f, margin) for p, f in zip(prompts, found)], np.float32)
+    named = tuple(sum(spec.count for spec in p.objects) for p in prompts)
+    verdict = Verdict(score, tuple(p.category for p in prompts), tuple(tuple(f) for f in found), named)
+    return verdict.strict() if strict else verdict
 
 
 def geneval_lite_reward(images, prompts: Sequence[Prompt | str],

@@ -108,8 +108,9 @@ class PostTrainResult:
             offline methods) lists and ``reward_name``.
         probe_curve: ``step``, ``seconds``, ``probe`` (GenEval-lite overall on the probe set) at
             step 0 and ``settings.probes`` points along the run; None without a probe set.
-        after, after_scores: GenEval-lite summary and ``[B]`` 0/1 scores on the evaluation set
-            after training; None without one.
+        after, after_scores, after_clutter: GenEval-lite summary, ``[B]`` 0/1 scores and
+            :meth:`jdpt.rewards.verifier.Verdict.clutter` on the evaluation set after training;
+            None without one.
     """
 
     method: str
@@ -127,6 +128,7 @@ class PostTrainResult:
     probe_curve: dict[str, list] | None = None
     after: dict[str, float] | None = None
     after_scores: np.ndarray | None = None
+    after_clutter: dict[str, float] | None = None
 
 
 def _bar(method: str, budget: float | None, steps: int | None, progress: bool):
@@ -182,7 +184,7 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
     key = jax.random.key(settings.seed + 6)
 
     def probe(state):
-        return geneval(state.params, state.frozen, probe_set, config, seed=settings.seed + 7)[0]["overall"]
+        return geneval(state.params, state.frozen, probe_set, config, seed=settings.seed + 7).summary()["overall"]
 
     curve = None if probe_set is None else {"step": [0], "seconds": [0.0], "probe": [probe(state)]}
     train_curve = {"step": [], "reward": [], "loss": []}
@@ -228,13 +230,15 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
         if due or done:
             next_probe += 1
     bar.close()
-    after, scores = (None, None) if eval_set is None else geneval(state.params, state.frozen, eval_set, config,
-                                                                   seed=settings.seed + 8)
+    evaluation = {}
+    if eval_set is not None:
+        verdict = geneval(state.params, state.frozen, eval_set, config, seed=settings.seed + 8)
+        evaluation = dict(after=verdict.summary(), after_scores=verdict.score, after_clutter=verdict.clutter())
     return PostTrainResult(
         method=method, label=LABELS[method], model=state.frozen.model(state.params),
         trainable="full transformer" if full else f"LoRA r{settings.lora_rank}", learning_rate=rate, steps=i,
         train_seconds=elapsed, compile_seconds=compile_s,
         mean_iteration_seconds=float(np.mean(iteration_s)) if iteration_s else None,
         mean_update_seconds=float(np.mean(update_s)) if update_s else None, memory=memory,
-        train_curve={**train_curve, "reward_name": run.reward_name}, probe_curve=curve, after=after,
-        after_scores=scores)
+        train_curve={**train_curve, "reward_name": run.reward_name}, probe_curve=curve,
+        **evaluation)

@@ -35,7 +35,7 @@ from jdpt.objectives.ddpo import flow_as_epsilon
 from jdpt.objectives.denoiser import world_velocity
 from jdpt.objectives.nft import update_old
 from jdpt.parallel.step import Frozen
-from jdpt.rewards.verifier import verify
+from jdpt.rewards.verifier import Verdict, verify
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
 
@@ -117,9 +117,10 @@ def _euler_rollout(params, frozen: Frozen, ids, noise, *, steps: int, shift: flo
 
 
 def geneval(params: nnx.State, frozen: Frozen, prompts: list[Prompt], config: ShapesConfig, *, seed: int,
-            batch_size: int = 64) -> tuple[dict[str, float], np.ndarray]:
-    """GenEval-lite of one sample per prompt of the model ``frozen.model(params)`` (seeded per
-    chunk like ``jdpt.world.evaluate``): the per-category summary and the ``[B]`` 0/1 scores."""
+            batch_size: int = 64) -> Verdict:
+    """The verifier's verdict on one sample per prompt of the model ``frozen.model(params)``
+    (seeded per chunk like ``jdpt.world.evaluate``): ``.summary()`` is GenEval-lite per category,
+    ``.score`` the ``[B]`` 0/1 scores, ``.clutter()`` objects drawn vs named."""
     if not prompts:
         raise ValueError("geneval needs at least one prompt; got an empty list")
     key = jax.random.key(seed)
@@ -130,8 +131,7 @@ def geneval(params: nnx.State, frozen: Frozen, prompts: list[Prompt], config: Sh
         ids = tokenize([p.text for p in chunk])
         ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - len(ids), axis=0)])
         chunks.append(np.asarray(_generate(params, frozen, ids, jax.random.fold_in(key, i)))[: len(chunk)])
-    verdict = verify(np.concatenate(chunks), prompts, config)
-    return verdict.summary(), verdict.score
+    return verify(np.concatenate(chunks), prompts, config)
 
 
 def standard_error(summary: dict[str, float], n_per_category: int) -> float:

@@ -128,6 +128,18 @@ def test_rules_extra_objects_and_strict_mode():
     assert reward.dtype == np.float32 and reward.tolist() == [1.0] * 20
 
 
+def test_clutter_of_a_verdict():
+    """Two objects drawn for one named: presence passes, strict fails, clutter counts both."""
+    config = ShapesConfig()
+    scene = render(["a red circle and a blue square"] * 4 + ["a red circle"] * 4, 0, config)
+    verdict = verify(scene, ["a red circle"] * 8, config)
+    assert verdict.score.tolist() == [1.0] * 8
+    assert verdict.strict().score.tolist() == [0.0] * 4 + [1.0] * 4
+    assert verdict.clutter() == {"objects_per_image": 1.5, "named_objects_per_prompt": 1.0, "strict_overall": 0.5}
+    with pytest.raises(ValueError, match="make it with verify"):
+        Verdict(np.ones(1, np.float32), ("colors",), ((),)).strict()
+
+
 def test_position_uses_the_dominant_axis():
     config = ShapesConfig()
     image = np.zeros((1, 32, 32, 3), np.uint8)

@@ -48,7 +48,8 @@ def main() -> None:
 
     model, meta = base_model(args.preset, cache_dir=args.cache)
     prompts = eval_prompts(args.per_category, model.config)
-    summary = evaluate(model, prompts, steps=SAMPLING_STEPS, cfg_scale=CFG_SCALE)[1].summary()
+    verdict = evaluate(model, prompts, steps=SAMPLING_STEPS, cfg_scale=CFG_SCALE)[1]
+    summary, clutter = verdict.summary(), verdict.clutter()
     by_cfg = {cfg: evaluate(model, prompts, steps=SAMPLING_STEPS, cfg_scale=cfg)[1].summary()["overall"]
               for cfg in (1.5, 4.0)}
     by_cfg[CFG_SCALE] = summary["overall"]
@@ -63,6 +64,7 @@ def main() -> None:
         "final_loss": history["loss"][-1],
         "eval": {"prompts_per_category": args.per_category, "steps": SAMPLING_STEPS, "cfg_scale": CFG_SCALE},
         "geneval_lite": summary,
+        "clutter": clutter,
         "overall_by_cfg_scale": {str(k): v for k, v in sorted(by_cfg.items())},
         "target_range": TARGET_RANGE,
     }
@@ -86,6 +88,12 @@ def main() -> None:
         *[f"| {name} | {value:.3f} |" for name, value in summary.items()],
         "",
         _verdict(summary["overall"]),
+        "",
+        f"Detected objects per image {clutter['objects_per_image']:.2f} (the prompts name "
+        f"{clutter['named_objects_per_prompt']:.2f}); strict GenEval-lite, failing images with objects the "
+        f"prompt does not name: {clutter['strict_overall']:.3f}.",
+        "",
+        "Model: " + ", ".join(f"{k}={v}" for k, v in meta["world"].items() if k != "shapes") + ".",
         "",
         "Overall GenEval-lite by guidance scale (same prompts and seeds):",
         "",

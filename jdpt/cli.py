@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="pretrain or load the Shapes-world base model, sample, score, write a grid; "
                                     "post-train it and compare")
-    p.add_argument("--preset", default="default", help="base model preset: default (~15 min to pretrain) or ci")
+    p.add_argument("--preset", default="default", help="base model preset: default (~11 min to pretrain on 2 cores) or ci")
     p.add_argument("--cache", default=None, help="model cache folder (default: $JDPT_CACHE or ~/.cache/jdpt)")
     p.add_argument("--out", default="outputs/demo",
                    help="folder for grid.png, post_trained_grid.png and scores.json")

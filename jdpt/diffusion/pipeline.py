@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdpt.diffusion.samplers import euler_flow
-from jdpt.diffusion.schedules import flow_sigmas, flux_mu
+from jdpt.diffusion.schedules import flow_sigmas, flow_velocity, flux_mu
 from jdpt.guidance.cfg import Guidance, stack_branches, step_index
 from jdpt.models.flux import FluxTransformer, image_ids, unpack_latents
 from jdpt.models.pixels import PixelCodec
@@ -48,6 +48,7 @@ def flux_generate(
     true_cfg_scale: float = 1.0,
     sigmas: jax.Array | None = None,
     guidance: Guidance | None = None,
+    prediction: str = "velocity",
 ) -> jax.Array:
     """Sample images with a Flux transformer (jit this function; models are pytrees).
 
@@ -69,6 +70,8 @@ def flux_generate(
             ``true_cfg_scale``: one forward over its branches with its attention plans, then its
             combination (``timestep = sigma * 1000``); the negative embeddings are needed exactly
             when its branches include ``"uncond"``.
+        prediction: what the transformer outputs, ``"velocity"`` (Flux) or ``"sample"`` (``x0``,
+            turned into a velocity by :func:`jdpt.diffusion.schedules.flow_velocity`).
     Returns:
         ``[B, height, width, 3]`` uint8 images.
     """
@@ -120,6 +123,7 @@ def flux_generate(
         x = jnp.concatenate([x] * (n // b))
         v = transformer(x, context, pooled, jnp.full((n,), sigma), img_ids, txt_ids, embedded_guidance,
                         plans=plans)
+        v = flow_velocity(v, x, sigma, prediction)
         if guidance is not None:
             return guidance.combine(v, step=step_index(sigmas[:-1], sigma), timestep=sigma * 1000)
         if cfg:

@@ -173,6 +173,26 @@ def _per_sample(value: jax.Array, x: jax.Array) -> jax.Array:
     return value.reshape(value.shape + (1,) * (x.ndim - value.ndim))
 
 
+FLOW_PREDICTIONS = ("velocity", "sample")
+FLOW_SIGMA_FLOOR = 0.05
+"""Smallest noise level a sample-predicting flow model divides by (Li & He 2025, "Back to Basics:
+Let Denoising Generative Models Denoise", clip the same denominator at 0.05)."""
+
+
+def flow_velocity(out: jax.Array, x_t: jax.Array, sigma: jax.Array, prediction: str) -> jax.Array:
+    """A flow model's output -> the velocity ``eps - x0`` at ``x_t = (1 - sigma) x0 + sigma eps``.
+
+    ``prediction="velocity"``: the output is the velocity. ``"sample"``: the output is ``x0``
+    and the velocity is ``(x_t - x0) / max(sigma, FLOW_SIGMA_FLOOR)`` (exact for sigma at or
+    above the floor, the smallest level of a 20-step grid). ``sigma``: scalar or ``[B]``.
+    """
+    _check_choice("prediction", prediction, FLOW_PREDICTIONS)
+    if prediction == "velocity":
+        return out
+    sigma = jnp.maximum(_per_sample(sigma, x_t), FLOW_SIGMA_FLOOR)
+    return ((x_t.astype(jnp.float32) - out.astype(jnp.float32)) / sigma).astype(out.dtype)
+
+
 def flux_mu(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Resolution-dependent shift exponent ``mu`` (diffusers ``calculate_shift``): linear in the

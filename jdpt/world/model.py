@@ -3,8 +3,10 @@
 Both halves are the library's real architectures (``CLIPTextModel``, ``FluxTransformer``) at
 toy sizes, so every post-training method that runs on them runs unchanged on the full-size
 models. Images are denoised directly in pixel space: ``PixelCodec`` folds ``pixel_factor`` x
-``pixel_factor`` pixel blocks into channels and Flux packs 2x2 of those into a token, so a 32x32
-scene is 64 tokens of ``12 * pixel_factor**2`` channels.
+``pixel_factor`` pixel blocks into channels and Flux packs 2x2 of those into a token, so a token
+is ``2 * pixel_factor`` pixels square with ``12 * pixel_factor**2`` channels: with the presets'
+``pixel_factor=4`` a 32x32 scene is 16 tokens of 192 channels, which the transformer (width 128)
+denoises by predicting the clean tokens (``prediction="sample"``).
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ from flax import nnx
 
 from jdpt.data.shapes import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, ShapesConfig, tokenize, vocabulary
 from jdpt.diffusion.pipeline import flux_generate
-from jdpt.diffusion.schedules import flow_sigmas
+from jdpt.diffusion.schedules import FLOW_PREDICTIONS, flow_sigmas, flow_velocity
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
 from jdpt.models.flux import FluxConfig, FluxTransformer, image_ids, pack_latents
 from jdpt.models.pixels import PixelCodec
 
 
 # Sampling defaults of the Shapes world. No guidance by default: measured on the default base
-# model (experiments/results/pretrain_shapes_default.md), GenEval-lite falls as the CFG scale
-# rises (0.138 at 1, 0.117 at 1.5, 0.089 at 4): extrapolating away from the unconditional scene
-# (2.5 objects on average) erases single objects. The models still learn the unconditional
-# velocity (10% empty prompts), so guidance methods have it to work with.
+# model (experiments/results/pretrain_shapes_default.md), CFG 1.5 and 4 raise GenEval-lite from
+# 0.253 to 0.297, within the noise of 64 prompts per category (a difference needs about 0.06),
+# and the guidance methods are measured against the unguided sampler. The models learn the
+# unconditional velocity (10% empty prompts), so guidance methods have it to work with.
 SAMPLING_STEPS = 20
 CFG_SCALE = 1.0
 
@@ -63,6 +65,16 @@ class WorldConfig:
         double_layers / single_layers: Flux double- and single-stream blocks.
         pixel_factor: pixels per latent pixel along each axis (``PixelCodec``).
         shift: static shift of the sampling schedule (1.0 = the plain linear grid).
+        noise_mean: training noise levels are ``sigmoid(N(noise_mean, 1))``, SD3's logit-normal
+            sampling (Esser et al. 2024); a positive mean trains more at high noise, where the
+            scene's layout is decided.
+        prediction: what Flux outputs: ``"velocity"`` (as the full-size Flux) or ``"sample"``
+            (the clean tokens ``x0``; the model's velocity is derived from it by
+            :func:`jdpt.diffusion.schedules.flow_velocity`, and training still regresses the
+            velocity). In pixel space a token has more channels than a small transformer is wide;
+            an ``x0`` prediction lies on the low-dimensional manifold of clean scenes while a
+            velocity must carry the token's full-rank noise through that bottleneck (Li & He 2025,
+            "Back to Basics: Let Denoising Generative Models Denoise").
     """
 
     arch: ClassVar[str] = "flux"
@@ -74,8 +86,12 @@ class WorldConfig:
     single_layers: int = 2
     pixel_factor: int = 2
     shift: float = 1.0
+    prediction: str = "velocity"
+    noise_mean: float = 0.0
 
     def __post_init__(self):
+        if self.prediction not in FLOW_PREDICTIONS:
+            raise ValueError(f"prediction={self.prediction!r}: choose one of {FLOW_PREDICTIONS}")
         head_dim, rem = divmod(self.width, self.heads)
         if rem or head_dim % 8:
             raise ValueError(
@@ -144,18 +160,19 @@ class WorldModel(nnx.Module):
     def __call__(self, tokens: jax.Array, sigma: jax.Array, context: jax.Array, pooled: jax.Array,
                  plans=None) -> jax.Array:
         """Velocity ``[B, N, C]`` of packed noisy tokens at noise level ``sigma`` ``[B]``."""
-        return self.transformer(tokens, context, pooled, sigma, image_ids(*self.latent_size),
-                                jnp.zeros((context.shape[1], 3), jnp.float32), plans=plans)
+        out = self.transformer(tokens, context, pooled, sigma, image_ids(*self.latent_size),
+                               jnp.zeros((context.shape[1], 3), jnp.float32), plans=plans)
+        return flow_velocity(out, tokens, sigma, self.config.prediction)
 
     def latents(self, images: jax.Array) -> jax.Array:
         """uint8 scenes ``[B, H, W, 3]`` -> the clean packed tokens ``x0`` ``[B, N, C]`` it denoises."""
         return pack_latents(self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
 
     def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
-        """Rectified-flow loss on uint8 scenes ``[B, H, W, 3]``, ``sigma ~ logit-normal(0, 1)``."""
+        """Rectified-flow loss on uint8 scenes ``[B, H, W, 3]``, ``sigma ~ logit-normal(noise_mean, 1)``."""
         x0 = self.latents(images)
         k_t, k_eps = jax.random.split(key)
-        t = jax.nn.sigmoid(jax.random.normal(k_t, (x0.shape[0],)))
+        t = jax.nn.sigmoid(self.config.noise_mean + jax.random.normal(k_t, (x0.shape[0],)))
         eps = jax.random.normal(k_eps, x0.shape)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         context, pooled = self.encode_prompts(input_ids)
@@ -179,7 +196,8 @@ class WorldModel(nnx.Module):
         return flux_generate(self.transformer, self.config.codec(), context, pooled,
                              key=None if latents is not None else key, latents=latents,
                              height=size, width=size,
-                             sigmas=flow_sigmas(steps, shift=self.config.shift), guidance=guidance, **negative)
+                             sigmas=flow_sigmas(steps, shift=self.config.shift), guidance=guidance,
+                             prediction=self.config.prediction, **negative)
 
     def tokenize(self, texts) -> np.ndarray:
         """Prompt texts -> ``int32 [B, PROMPT_TOKENS]`` ids (unknown words: ValueError)."""

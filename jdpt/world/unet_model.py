@@ -4,7 +4,7 @@ The UNet-family methods (Diffusion-DPO on eps models, DDPO on DDIM trajectories,
 Attend-and-Excite on cross-attention) run on it. Both halves are the library's real architectures
 (``CLIPTextModel``, ``UNet2DConditionModel``, the SD 1.x block layout) at toy sizes, denoising in
 pixel space: ``PixelCodec`` folds ``pixel_factor`` x ``pixel_factor`` pixel blocks into channels,
-so a 32x32 scene is an 8x8x48 "latent" (the grid of the Flux world model's tokens). Sampling is
+so a 32x32 scene is an 8x8x48 "latent" (the Flux world model's latent at the same factor). Sampling is
 DDIM with the same code path as SD (``jdpt.diffusion.sd_pipeline.sd_generate``).
 """
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jdpt.diffusion.samplers import euler_flow
-from jdpt.diffusion.schedules import flow_sigmas, flux_mu
+from jdpt.diffusion.schedules import FLOW_SIGMA_FLOOR, flow_sigmas, flow_velocity, flux_mu
 from tests.reference import torch_module
 
 
@@ -62,6 +62,24 @@ def test_euler_is_exact_for_straight_paths():
     noise = jnp.ones((2, 3))
     out = euler_flow(lambda x, s: noise - x0, noise, flow_sigmas(7, mu=0.8))
     np.testing.assert_allclose(out, x0, atol=1e-5)
+
+
+def test_flow_velocity_of_a_sample_prediction():
+    """An exact x0 prediction gives the exact velocity eps - x0 at every level above the floor,
+    and (x_t - x0) / floor below it; a velocity prediction passes through unchanged."""
+    rng = np.random.default_rng(0)
+    x0, eps = rng.normal(size=(2, 2, 4, 5)).astype(np.float32)
+    sigma = np.array([0.9, 0.2], np.float32)[:, None, None]
+    x_t = (1 - sigma) * x0 + sigma * eps
+    v = flow_velocity(jnp.asarray(x0), jnp.asarray(x_t), sigma[:, 0, 0], "sample")
+    np.testing.assert_allclose(v, eps - x0, rtol=1e-5, atol=1e-5)
+    low = np.float32(0.01)
+    x_low = (1 - low) * x0 + low * eps
+    np.testing.assert_allclose(flow_velocity(jnp.asarray(x0), jnp.asarray(x_low), low, "sample"),
+                               (x_low - x0) / FLOW_SIGMA_FLOOR, rtol=1e-5)
+    np.testing.assert_array_equal(flow_velocity(jnp.asarray(eps), jnp.asarray(x_t), 0.5, "velocity"), eps)
+    with pytest.raises(ValueError, match="unknown prediction 'epsilon'"):
+        flow_velocity(jnp.asarray(eps), jnp.asarray(x_t), 0.5, "epsilon")
 
 
 def test_bad_steps():

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jdpt import cli
+from jdpt.data.shapes import render
 from jdpt.models.flux import image_ids, unpack_latents
 from jdpt.world.cache import PRESETS, CacheError, base_model, load_model, model_dir, save_model
 from jdpt.world.model import WorldConfig, WorldModel
@@ -154,3 +155,21 @@ def test_sample_prediction_world_samples_along_its_velocity():
     assert np.abs(images.astype(int) - expected).max() <= 1
     with pytest.raises(ValueError, match="prediction='eps'"):
         WorldConfig(prediction="eps")
+
+
+@pytest.mark.parametrize("noise_mean,sigma", [(40.0, 1.0), (-40.0, 0.0)])
+def test_training_noise_levels_follow_noise_mean(noise_mean, sigma):
+    """sigma = sigmoid(noise_mean + N(0, 1)): a far-off mean pins every level to 1 (pure noise)
+    or 0 (clean), where the loss is written out here."""
+    world = WorldConfig(width=32, heads=2, text_layers=1, double_layers=1, single_layers=0,
+                        pixel_factor=4, prediction="sample", noise_mean=noise_mean)
+    model = world.build(nnx.Rngs(0))
+    prompts = ["a red circle", "two squares"]
+    images = render(prompts, 0, world.shapes)
+    ids, key = model.tokenize(prompts), jax.random.key(5)
+    x0 = model.latents(images)
+    eps = jax.random.normal(jax.random.split(key)[1], x0.shape)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    context, pooled = model.encode_prompts(ids)
+    want = jnp.mean((model(x_t, jnp.full((2,), sigma), context, pooled) - (eps - x0)) ** 2)
+    np.testing.assert_allclose(model.training_loss(ids, images, key), want, rtol=1e-5)

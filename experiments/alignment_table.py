@@ -20,10 +20,16 @@ step's compiled memory (``memory_analysis()``: arguments + outputs + temporaries
 the paper's headline number beside ours. DiffusionNFT vs Flow-GRPO: the steps NFT needs to reach
 Flow-GRPO's final probe score.
 
-    python experiments/alignment_table.py [--preset default] [--budget-seconds 240 | --steps N]
-        [--methods sft,dpo,...] [--full] [--out experiments/results]
+With ``--strict-reward`` the training rewards (the offline pairs and winners, the online methods'
+scores) come from the strict verifier, which fails images with objects their prompt does not
+name, and reward backprop (which does not use the verifier) is left out: the remedy for the
+clutter that GenEval's presence rules reward.
 
-Writes ``alignment.json``, ``alignment.md`` and ``alignment_curves.png`` into ``--out``.
+    python experiments/alignment_table.py [--preset default] [--budget-seconds 240 | --steps N]
+        [--methods sft,dpo,...] [--full] [--strict-reward] [--out experiments/results]
+
+Writes ``alignment.json``, ``alignment.md`` and ``alignment_curves.png`` into ``--out``
+(``alignment_strict.*`` with ``--strict-reward``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from PIL import Image, ImageDraw
 from jdpt.data.shapes import CATEGORIES, Prompt
 from jdpt.parallel.step import Frozen
 from jdpt.timing import machine
-from jdpt.world.alignment import METHODS, OFFLINE, REWARDS, AlignSettings, post_train
+from jdpt.world.alignment import METHODS, OFFLINE, AlignSettings, post_train, reward_description
 from jdpt.world.alignment_runs import OfflineData, geneval, make_offline_data, standard_error
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.colour_mass import object_areas
@@ -68,7 +74,8 @@ def train_method(method: str, base: WorldModel, data: OfflineData | None, settin
     r = post_train(base, method, settings, budget_seconds=budget, steps=steps, full=full, lr=lr, data=data,
                    areas=areas, eval_set=eval_set, probe_set=probe_set, progress=progress)
     return {
-        "method": method, "label": r.label, "reward": REWARDS[method], "headline": HEADLINES[method],
+        "method": method, "label": r.label, "reward": reward_description(method, settings.strict_reward),
+        "headline": HEADLINES[method],
         "trainable": r.trainable, "learning_rate": r.learning_rate, "steps": r.steps,
         "train_seconds": r.train_seconds, "compile_seconds": r.compile_seconds,
         "mean_iteration_seconds": r.mean_iteration_seconds, "mean_update_seconds": r.mean_update_seconds,
@@ -181,9 +188,22 @@ def markdown(report: dict) -> str:
     n = s["eval_per_category"]
     se = standard_error(base, n)
     threshold = 2 * math.sqrt(2) * se  # two standard errors of a difference of two evaluations
+    strict = s.get("strict_reward", False)  # reports written before the option have no key
     lines = [
-        f"# Alignment methods on the Shapes world (preset `{report['preset']}`)",
+        f"# Alignment methods on the Shapes world (preset `{report['preset']}`"
+        + (", strict-verifier rewards)" if strict else ")"),
         "",
+    ]
+    if strict:
+        lines += [
+            "Training rewards here come from the strict verifier: an image with an object its prompt does not "
+            "name scores 0 (the offline preference pairs and winners, and the online methods' rewards). "
+            "Evaluation is unchanged: GenEval-lite, and the strict score in the clutter check. "
+            "`alignment.md` trains on GenEval-lite's own presence rules. Reward backprop optimises "
+            "its colour-mass surrogate, not the verifier, and is not run here.",
+            "",
+        ]
+    lines += [
         f"Base model `{report['model']}`; every method starts from it and trains "
         + (f"for a fixed budget of **{report['budget_seconds']:.0f} s** of wall-clock compute"
            if report["budget_seconds"] is not None else f"for **{report['max_steps']}** steps")
@@ -273,15 +293,22 @@ def markdown(report: dict) -> str:
         lines.append("The probe set is small (noisy) and scored only at the probe points, so step counts are "
                      "resolved to the probe spacing.")
     if s["offline_prompts"] and report["offline"]["pairs"]:
-        o = report["offline"]
+        o, verifier = report["offline"], "strict verifier" if strict else "verifier"
         lines += ["", f"Offline data (SFT / DPO / MaPO): {s['offline_prompts']} training prompts x "
-                  f"{s['offline_samples']} base-model samples (mean verifier score {o['score']:.3f}), "
-                  f"{o['pairs']} verifier preference pairs, {o['winners']} winner images; made in {o['seconds']:.0f} s."]
-    lines += ["", "Reward backprop optimises the soft colour-mass surrogate (`colour_mass_reward`: the pixel "
-              "mass of each named colour and of the whole foreground against what the prompt's objects need); "
-              "it cannot see shape or position, so its GenEval-lite change measures transfer.",
-              "", "![curves](alignment_curves.png)", ""]
+                  f"{s['offline_samples']} base-model samples (mean {verifier} score {o['score']:.3f}), "
+                  f"{o['pairs']} {verifier} preference pairs, {o['winners']} winner images; "
+                  f"made in {o['seconds']:.0f} s."]
+    if "reward_backprop" in results:
+        lines += ["", "Reward backprop optimises the soft colour-mass surrogate (`colour_mass_reward`: the pixel "
+                  "mass of each named colour and of the whole foreground against what the prompt's objects "
+                  "need); it cannot see shape or position, so its GenEval-lite change measures transfer."]
+    lines += ["", f"![curves]({stem(strict)}_curves.png)", ""]
     return "\n".join(lines)
+
+
+def stem(strict: bool) -> str:
+    """The output files' name: ``alignment`` or, for strict-verifier rewards, ``alignment_strict``."""
+    return "alignment_strict" if strict else "alignment"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -290,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-seconds", type=float, default=240.0,
                         help="wall-clock training budget per method (ignored with --steps)")
     parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of a budget")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {METHODS} (default: all; with --strict-reward all but "
+                             "reward_backprop)")
     parser.add_argument("--full", action="store_true", help="full fine-tuning of the transformer instead of LoRA")
     parser.add_argument("--lr", type=float, default=None, help="one learning rate for every method")
     parser.add_argument("--out", default=str(RESULTS))
@@ -300,17 +329,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--offline-prompts", type=int, default=AlignSettings.offline_prompts)
     parser.add_argument("--prompts-per-step", type=int, default=AlignSettings.prompts_per_step)
     parser.add_argument("--group-size", type=int, default=AlignSettings.group_size)
+    parser.add_argument("--strict-reward", action="store_true",
+                        help="train on the strict verifier's scores (extra objects fail) instead of GenEval-lite's")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is None:
+        methods = [m for m in METHODS if not (args.strict_reward and m == "reward_backprop")]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; choose from {METHODS}")
+    if args.strict_reward and "reward_backprop" in methods:
+        raise ValueError("--strict-reward scores samples with the strict verifier; reward_backprop optimises its "
+                         "colour-mass surrogate instead: drop it from --methods")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     settings = AlignSettings(eval_per_category=args.eval_per_category, probe_per_category=args.probe_per_category,
                         offline_prompts=args.offline_prompts, prompts_per_step=args.prompts_per_step,
-                        group_size=args.group_size)
+                        group_size=args.group_size, strict_reward=args.strict_reward)
     progress = not args.quiet
     budget = None if args.steps is not None else args.budget_seconds
 
@@ -343,12 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
         report["offline"] = {"score": float("nan"), "pairs": 0, "winners": 0, "seconds": 0.0}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "alignment.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_curves(results, out / "alignment_curves.png")
+    name = stem(args.strict_reward)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(results, out / f"{name}_curves.png")
     text = markdown(report)
-    (out / "alignment.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
     print(text)
-    print(f"wrote {out / 'alignment.json'}, {out / 'alignment.md'} and {out / 'alignment_curves.png'}")
+    print(f"wrote {out / f'{name}.json'}, {out / f'{name}.md'} and {out / f'{name}_curves.png'}")
     return report
 
 

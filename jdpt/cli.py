@@ -87,6 +87,9 @@ def demo(args: argparse.Namespace) -> int:
     if args.post_train != "none" and not args.post_train_seconds > 0:
         raise SystemExit(f"jdpt demo: --post-train-seconds {args.post_train_seconds} must be > 0 "
                          "(or pass --post-train none)")
+    if args.strict_reward and args.post_train == "reward_backprop":
+        raise SystemExit("jdpt demo: --strict-reward scores training samples with the strict verifier; "
+                         "reward_backprop optimises its colour-mass surrogate instead: drop one of the two")
     model, meta = base_model(args.preset, cache_dir=args.cache)
     if args.post_train != "none" and not isinstance(model, WorldModel):
         raise SystemExit(f"jdpt demo: post-training runs on the Flux-world presets (default, ci), not "
@@ -119,9 +122,10 @@ def demo(args: argparse.Namespace) -> int:
 
     from jdpt.world.alignment import AlignSettings, post_train
     from jdpt.world.alignment_runs import standard_error
-    settings = AlignSettings()
-    print(f"\npost-training the base model with {args.post_train} (LoRA r{settings.lora_rank}) "
-          f"for {args.post_train_seconds:.0f} s of training (compiling and data making not counted)")
+    settings = AlignSettings(strict_reward=args.strict_reward)
+    print(f"\npost-training the base model with {args.post_train} (LoRA r{settings.lora_rank}"
+          f"{', strict-verifier rewards' if args.strict_reward else ''}) for {args.post_train_seconds:.0f} s "
+          "of training (compiling and data making not counted)")
     result = post_train(model, args.post_train, settings, budget_seconds=args.post_train_seconds)
     tuned, tuned_verdict = evaluate(result.model, prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
     after = tuned_verdict.summary()
@@ -147,7 +151,8 @@ def demo(args: argparse.Namespace) -> int:
         clutter[f"objects_per_image_{who}"] = c["objects_per_image"]
         clutter[f"strict_overall_{who}"] = c["strict_overall"]
     report["post_training"] = {
-        "method": result.method, "label": result.label, "trainable": result.trainable,
+        "method": result.method, "label": result.label, "strict_reward": args.strict_reward,
+        "trainable": result.trainable,
         "learning_rate": result.learning_rate, "budget_seconds": args.post_train_seconds, "steps": result.steps,
         "train_seconds": result.train_seconds, "compile_seconds": result.compile_seconds,
         "mean_iteration_seconds": result.mean_iteration_seconds, "memory": result.memory,
@@ -265,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                         "none: stop after the base model")
     p.add_argument("--post-train-seconds", type=float, default=300.0,
                    help="post-training budget in seconds of training (default: %(default)s)")
+    p.add_argument("--strict-reward", action="store_true",
+                   help="score the post-training samples with the strict verifier (an object the prompt does "
+                        "not name fails the image) instead of GenEval-lite's presence rules, which reward clutter")
     _sampling_args(p)
     p.set_defaults(fn=demo)
 

@@ -36,6 +36,8 @@ def test_moving_average_skips_missing_values():
 def test_bad_methods_are_errors():
     with pytest.raises(ValueError, match="unknown \\['grpo'\\]"):
         table.main(["--methods", "grpo"])
+    with pytest.raises(ValueError, match="reward_backprop optimises its colour-mass surrogate"):
+        table.main(["--methods", "nft,reward_backprop", "--strict-reward"])
 
 
 # --- the scripts end to end (slow) ----------------------------------------------------------
@@ -45,9 +47,12 @@ def _smoke(tmp_path, methods, *extra):
     report = table.main(["--preset", "ci", "--steps", "2", "--methods", methods, "--out", str(out),
                          "--eval-per-category", "4", "--probe-per-category", "2", "--offline-prompts", "16",
                          "--quiet", *extra])
-    assert (out / "alignment_curves.png").exists()
-    stored = json.loads((out / "alignment.json").read_text())
-    md = (out / "alignment.md").read_text()
+    name = "alignment_strict" if "--strict-reward" in extra else "alignment"
+    assert (out / f"{name}_curves.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}{s}" for s in (".json", ".md", "_curves.png"))
+    stored = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert f"![curves]({name}_curves.png)" in md
     for m in methods.split(","):
         r = stored["results"][m]
         assert r["steps"] == 2 and r["label"] in md and r["headline"] in md
@@ -75,6 +80,15 @@ def test_alignment_table_smoke_lora(tmp_path):
     nft = report["results"]["nft"]
     assert all(0 <= r <= 1 for r in nft["train_curve"]["reward"])  # verifier scores
     assert report["nft_vs_grpo"] is None  # Flow-GRPO not run
+
+
+@pytest.mark.slow  # the ci base model from $JDPT_CACHE + MaPO and Flow-GRPO compiles: ~1 min
+def test_alignment_table_smoke_strict_reward(tmp_path):
+    report = _smoke(tmp_path, "mapo,flow_grpo", "--strict-reward")
+    assert report["settings"]["strict_reward"] is True
+    for r in report["results"].values():
+        assert r["reward"].startswith("strict verifier (extra objects fail)")
+    assert report["results"]["flow_grpo"]["train_curve"]["reward_name"] == "strict verifier score of the rollouts"
 
 
 @pytest.mark.slow  # full fine-tuning (Flow-GRPO with a reference copy): ~1 min

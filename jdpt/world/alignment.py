@@ -9,6 +9,8 @@ count is spent:
   winners, Diffusion-DPO (its flow form: velocity MSEs), MaPO;
 - online, the verifier's 0/1 score (GenEval-lite) as the reward: DDPO (DDIM eta = 1 rollouts
   through ``flow_as_epsilon``), Flow-GRPO, DiffusionNFT;
+  (``AlignSettings(strict_reward=True)`` scores the offline pairs and the online rewards with the
+  strict verifier, which fails images with objects their prompt does not name);
 - reward backprop (AlignProp: randomised truncation) on the soft colour-mass surrogate
   (``jdpt.world.colour_mass``; the verifier is not differentiable).
 
@@ -57,6 +59,15 @@ REWARDS = {
     "flow_grpo": "verifier score 0/1 (online)",
     "nft": "verifier score 0/1 (online)",
 }
+
+
+def reward_description(method: str, strict: bool) -> str:
+    """What ``method`` optimises (``REWARDS``), naming the strict verifier where it scores the samples."""
+    if method not in REWARDS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if not strict or method == "reward_backprop":
+        return REWARDS[method]
+    return REWARDS[method].replace("verifier", "strict verifier (extra objects fail)")
 # Flow-GRPO's LoRA targets for SD3 (attention projections of both streams), Flux names.
 LORA_TARGETS = [r"attn\.to_[qkv]", r"attn\.to_out\.0", r"attn\.add_[qkv]_proj", r"attn\.to_add_out"]
 # Learning rates with LoRA: the papers' where they train LoRA (DDPO, Flow-GRPO, DiffusionNFT
@@ -166,6 +177,10 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
     config = base.config.shapes
     if method in OFFLINE and data is None:
         data = make_offline_data(base, settings, progress=progress)
+    if method in OFFLINE and data.strict != settings.strict_reward:
+        raise ValueError(f"the offline data was scored with strict={data.strict} but "
+                         f"AlignSettings.strict_reward={settings.strict_reward}: make it with "
+                         f"make_offline_data(base, settings) for these settings")
     if method == "reward_backprop" and areas is None:
         areas = object_areas(config)
     model = fresh_model(base, full, settings)

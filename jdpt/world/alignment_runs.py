@@ -62,6 +62,11 @@ class AlignSettings:
         probe_per_category: prompts per category of the curve's probe set.
         probes: probe evaluations along a run (plus one at step 0).
         seed: data, noise and initialisation seed.
+        strict_reward: score training samples (the online methods' rewards, the offline pairs and
+            winners) with the strict verifier, which fails an image holding an object its prompt
+            does not name. GenEval's own rules only check that the named objects are present, so
+            a policy trained on them can gain by drawing more objects. Reward backprop's
+            colour-mass surrogate does not use the verifier and refuses this setting.
     """
 
     prompts_per_step: int = 4
@@ -76,9 +81,14 @@ class AlignSettings:
     probe_per_category: int = 8
     probes: int = 10
     seed: int = 0
+    strict_reward: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.strict_reward, bool):
+            raise ValueError(f"AlignSettings.strict_reward={self.strict_reward!r} must be True or False")
         for f in dataclasses.fields(self):
+            if f.name == "strict_reward":
+                continue
             value = getattr(self, f.name)
             low = {"seed": None, "offline_prompts": 0, "group_size": 2, "offline_samples": 2}.get(f.name, 1)
             if low is not None and value < low:
@@ -176,11 +186,13 @@ class OfflineData:
     winners: np.ndarray  # [W, 2] unique (prompt, sample) of the pairs' winners
     score: float  # mean verifier score of the samples
     seconds: float
+    strict: bool = False  # scored by the strict verifier (AlignSettings.strict_reward)
 
 
 def make_offline_data(base: WorldModel, settings: AlignSettings, *, progress: bool = True) -> OfflineData:
     """``offline_prompts x offline_samples`` base-model samples (the evaluation sampler) on
-    training prompts, scored by the verifier; pairs of differing scores (shared by SFT / DPO / MaPO)."""
+    training prompts, scored by the verifier (strict when ``settings.strict_reward``); pairs of
+    differing scores (shared by SFT / DPO / MaPO)."""
     start = time.perf_counter()
     config = base.config.shapes
     prompts = sample_prompts(settings.seed + 1, settings.offline_prompts, config)
@@ -200,14 +212,15 @@ def make_offline_data(base: WorldModel, settings: AlignSettings, *, progress: bo
         raise ValueError(f"AlignSettings.offline_prompts={settings.offline_prompts}: the offline methods "
                          f"{OFFLINE} need training prompts; set it >= 1")
     images = np.concatenate(images)
-    scores = verify(images, flat_prompts, config).score.reshape(len(prompts), k)
+    scores = verify(images, flat_prompts, config, strict=settings.strict_reward).score.reshape(len(prompts), k)
     pairs = preference_pairs(scores, settings.seed, max_pairs_per_prompt=settings.max_pairs_per_prompt)
     if len(pairs) == 0:
         raise ValueError(f"the base model's {len(prompts)} x {k} offline samples gave no preference pair "
                          f"(mean score {scores.mean():.3f}): raise offline_prompts / offline_samples")
     latents = np.asarray(base.latents(jnp.asarray(images))).reshape(len(prompts), k, *latent_shape(base))
     winners = np.unique(np.stack([pairs.prompt, pairs.winner], axis=1), axis=0)
-    return OfflineData(latents, ids, pairs, winners, float(scores.mean()), time.perf_counter() - start)
+    return OfflineData(latents, ids, pairs, winners, float(scores.mean()), time.perf_counter() - start,
+                       strict=settings.strict_reward)
 
 
 def offline_run(method: str, data: OfflineData, settings: AlignSettings) -> Run:
@@ -256,8 +269,13 @@ def online_run(method: str, model: WorldModel, settings: AlignSettings, areas: d
     key = jax.random.key(settings.seed + 5)
     g = settings.group_size
 
+    if method == "reward_backprop" and settings.strict_reward:
+        raise ValueError("AlignSettings.strict_reward applies to the verifier's rewards; reward_backprop "
+                         "optimises the differentiable colour-mass surrogate instead: set strict_reward=False")
+    verifier = "strict verifier" if settings.strict_reward else "verifier"
+
     def verifier_reward(prompts, x0) -> np.ndarray:
-        return verify(_world_images(model, x0), prompts, config).score
+        return verify(_world_images(model, x0), prompts, config, strict=settings.strict_reward).score
 
     if method in ("ddpo", "flow_grpo"):
         if method == "ddpo":
@@ -279,7 +297,7 @@ def online_run(method: str, model: WorldModel, settings: AlignSettings, areas: d
                                    else group_advantages(rewards, g))
             return batch, float(rewards.mean())
 
-        return Run(objective, rl_batch, reward_name="verifier score of the rollouts")
+        return Run(objective, rl_batch, reward_name=f"{verifier} score of the rollouts")
 
     if method == "nft":
         sigmas = flow_sigmas(settings.rollout_steps, shift=model.config.shift)
@@ -300,7 +318,7 @@ def online_run(method: str, model: WorldModel, settings: AlignSettings, areas: d
             return state.replace(frozen=state.frozen.replace(extra={**state.frozen.extra, "old": old}))
 
         return Run(objective, nft_batch, extra=lambda params: {"old": copy_tree(params)}, after=refresh_old,
-                   reward_name="verifier score of the old policy's samples")
+                   reward_name=f"{verifier} score of the old policy's samples")
 
     if method == "reward_backprop":
         if areas is None:

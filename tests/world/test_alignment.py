@@ -5,6 +5,7 @@ with its post-training stage on the ``ci`` base model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -16,7 +17,9 @@ from flax import nnx
 from jdpt import cli
 from jdpt.data.shapes import CATEGORIES, PALETTE, ShapesConfig, parse_prompt, render
 from jdpt.world import AlignSettings, WorldConfig, WorldModel, post_train
-from jdpt.world.alignment_runs import make_offline_data
+from jdpt.rewards.verifier import verify
+from jdpt.world.alignment import reward_description
+from jdpt.world.alignment_runs import OfflineData, make_offline_data
 from jdpt.world.cache import PRESETS
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets, object_areas
 from jdpt.world.pretraining import eval_prompts
@@ -110,6 +113,42 @@ def test_settings_and_arguments_are_checked():
         post_train(base, "nft", QUICK, steps=0)
     with pytest.raises(ValueError, match="budget_seconds=-1 must be > 0"):
         post_train(base, "nft", QUICK, budget_seconds=-1)
+    with pytest.raises(ValueError, match="strict_reward=1 must be True or False"):
+        AlignSettings(strict_reward=1)
+    strict = dataclasses.replace(QUICK, strict_reward=True)
+    with pytest.raises(ValueError, match="reward_backprop optimises the differentiable colour-mass surrogate"):
+        post_train(base, "reward_backprop", strict, steps=1)
+    data = OfflineData(np.zeros((1, 2, 4, 3)), np.zeros((1, 8), np.int32), None, np.zeros((0, 2)), 0.5, 0.0)
+    with pytest.raises(ValueError, match="scored with strict=False but AlignSettings.strict_reward=True"):
+        post_train(base, "mapo", strict, steps=1, data=data)
+
+
+@pytest.mark.parametrize("method", ["mapo", "flow_grpo", "nft"])
+def test_strict_reward_scores_training_samples_strictly(monkeypatch, method):
+    """strict_reward reaches the verifier that scores the offline data (MaPO) and the rollouts
+    (Flow-GRPO, NFT), and the reward's name says so; without it the verifier is GenEval-lite's."""
+    import jdpt.world.alignment_runs as runs
+
+    calls = []
+
+    def spy(images, prompts, config, *, strict=False):
+        calls.append(strict)
+        return verify(images, prompts, config, strict=strict)
+
+    monkeypatch.setattr(runs, "verify", spy)
+    base = WorldModel(TINY, rngs=nnx.Rngs(0))
+    for flag in (True, False):
+        calls.clear()
+        settings = dataclasses.replace(QUICK, strict_reward=flag)
+        if method == "mapo":  # a random model passes nothing: no pairs, after scoring
+            with pytest.raises(ValueError, match="gave no preference pair"):
+                make_offline_data(base, settings, progress=False)
+        else:
+            r = post_train(base, method, settings, steps=1, progress=False)
+            assert r.train_curve["reward_name"].startswith("strict verifier" if flag else "verifier")
+        assert calls and all(c is flag for c in calls), calls
+    assert reward_description(method, True).replace("strict verifier (extra objects fail)", "verifier") \
+        == reward_description(method, False) != reward_description(method, True)
 
 
 def test_demo_post_training_flags_are_checked(tmp_path, capsys):
@@ -119,6 +158,9 @@ def test_demo_post_training_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--post-train", "grpo"])
     assert "invalid choice: 'grpo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--strict-reward scores training samples with the strict verifier"):
+        cli.main(["demo", "--cache", str(tmp_path), "--out", str(tmp_path), "--post-train", "reward_backprop",
+                  "--strict-reward"])
     assert not (tmp_path / "shapes").exists()
 
 
@@ -174,11 +216,13 @@ def test_post_train_lora_run_on_a_tiny_model():
 # --- jdpt demo with its post-training stage (slow) ------------------------------------------
 
 @pytest.mark.slow  # the ci base model (from $JDPT_CACHE, else pretrained: ~1 min) + 10 s of training + compiles
-@pytest.mark.parametrize("method", [None, "nft"])  # None: the demo's default (offline, MaPO), then an online one
+# None: the demo's default (offline, MaPO); then an online method on the strict verifier's rewards
+@pytest.mark.parametrize("method", [None, "nft"])
 def test_demo_post_training_stage(tmp_path, capsys, method):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--preset", "ci", "--out", str(out), "--per-category", "2",
-                     *(["--post-train", method] if method else []), "--post-train-seconds", "10"]) == 0
+                     *(["--post-train", method, "--strict-reward"] if method else []),
+                     "--post-train-seconds", "10"]) == 0
     report = json.loads((out / "scores.json").read_text())
     post = report["post_training"]
     keys = set(CATEGORIES) | {"overall"}
@@ -196,8 +240,10 @@ def test_demo_post_training_stage(tmp_path, capsys, method):
     assert post["train_seconds"] >= 10 or post["steps"] >= 2
     curve = post["reward_curve"]
     assert len(curve["step"]) == len(curve["reward"]) == post["steps"]
+    assert post["strict_reward"] == (method == "nft")
     if method == "nft":
         assert all(0 <= x <= 1 for x in curve["reward"])  # verifier scores of the rollouts
+        assert curve["reward_name"] == "strict verifier score of the old policy's samples"
     else:
         assert set(curve["reward"]) == {None}  # offline: no training reward
 

@@ -87,7 +87,7 @@ def test_alignment_table_smoke_strict_reward(tmp_path):
     report = _smoke(tmp_path, "mapo,flow_grpo", "--strict-reward")
     assert report["settings"]["strict_reward"] is True
     for r in report["results"].values():
-        assert r["reward"].startswith("strict verifier (extra objects fail)")
+        assert "strict verifier" in r["reward"]
     assert report["results"]["flow_grpo"]["train_curve"]["reward_name"] == "strict verifier score of the rollouts"
 
 

@@ -67,7 +67,7 @@ def reward_description(method: str, strict: bool) -> str:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if not strict or method == "reward_backprop":
         return REWARDS[method]
-    return REWARDS[method].replace("verifier", "strict verifier (extra objects fail)")
+    return REWARDS[method].replace("verifier", "strict verifier")
 # Flow-GRPO's LoRA targets for SD3 (attention projections of both streams), Flux names.
 LORA_TARGETS = [r"attn\.to_[qkv]", r"attn\.to_out\.0", r"attn\.add_[qkv]_proj", r"attn\.to_add_out"]
 # Learning rates with LoRA: the papers' where they train LoRA (DDPO, Flow-GRPO, DiffusionNFT

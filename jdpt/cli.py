@@ -3,8 +3,8 @@
 ``jdpt demo``: the main job on the embedded default. Pretrain (or load from ``$JDPT_CACHE``) the
 Shapes-world base model, sample a fixed prompt set covering GenEval's six categories, score every
 image with the analytic verifier, and write ``grid.png`` and ``scores.json``. Then post-train it
-(LoRA, ``--post-train METHOD`` for ``--post-train-seconds``), sample the same prompts with the same
-seeds, print the scores before and after per category and write ``post_trained_grid.png`` (base
+(LoRA, ``--post-train METHOD`` for ``--post-train-seconds``, rewarded by the strict verifier unless
+``--no-strict-reward``), sample the same prompts with the same seeds, print the scores before and after per category and write ``post_trained_grid.png`` (base
 and post-trained side by side); ``--post-train none`` stops after the base model.
 
 ``jdpt sample``: images for a prompt from a Shapes-world model folder or a diffusers pipeline folder
@@ -75,6 +75,15 @@ def smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def strict_reward(method: str, flag: bool | None) -> bool:
+    """Whether ``jdpt demo`` post-trains ``method`` on the strict verifier: ``flag``
+    (``--[no-]strict-reward``), or by default for every method that uses the verifier."""
+    if flag and method == "reward_backprop":
+        raise SystemExit("jdpt demo: --strict-reward scores training samples with the strict verifier; "
+                         "reward_backprop optimises its colour-mass surrogate instead: drop one of the two")
+    return method != "reward_backprop" if flag is None else flag
+
+
 def demo(args: argparse.Namespace) -> int:
     import json
 
@@ -87,9 +96,7 @@ def demo(args: argparse.Namespace) -> int:
     if args.post_train != "none" and not args.post_train_seconds > 0:
         raise SystemExit(f"jdpt demo: --post-train-seconds {args.post_train_seconds} must be > 0 "
                          "(or pass --post-train none)")
-    if args.strict_reward and args.post_train == "reward_backprop":
-        raise SystemExit("jdpt demo: --strict-reward scores training samples with the strict verifier; "
-                         "reward_backprop optimises its colour-mass surrogate instead: drop one of the two")
+    strict = strict_reward(args.post_train, args.strict_reward)
     model, meta = base_model(args.preset, cache_dir=args.cache)
     if args.post_train != "none" and not isinstance(model, WorldModel):
         raise SystemExit(f"jdpt demo: post-training runs on the Flux-world presets (default, ci), not "
@@ -122,9 +129,9 @@ def demo(args: argparse.Namespace) -> int:
 
     from jdpt.world.alignment import AlignSettings, post_train
     from jdpt.world.alignment_runs import standard_error
-    settings = AlignSettings(strict_reward=args.strict_reward)
+    settings = AlignSettings(strict_reward=strict)
     print(f"\npost-training the base model with {args.post_train} (LoRA r{settings.lora_rank}"
-          f"{', strict-verifier rewards' if args.strict_reward else ''}) for {args.post_train_seconds:.0f} s "
+          f"{', strict-verifier rewards' if strict else ''}) for {args.post_train_seconds:.0f} s "
           "of training (compiling and data making not counted)")
     result = post_train(model, args.post_train, settings, budget_seconds=args.post_train_seconds)
     tuned, tuned_verdict = evaluate(result.model, prompts, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
@@ -151,7 +158,7 @@ def demo(args: argparse.Namespace) -> int:
         clutter[f"objects_per_image_{who}"] = c["objects_per_image"]
         clutter[f"strict_overall_{who}"] = c["strict_overall"]
     report["post_training"] = {
-        "method": result.method, "label": result.label, "strict_reward": args.strict_reward,
+        "method": result.method, "label": result.label, "strict_reward": strict,
         "trainable": result.trainable,
         "learning_rate": result.learning_rate, "budget_seconds": args.post_train_seconds, "steps": result.steps,
         "train_seconds": result.train_seconds, "compile_seconds": result.compile_seconds,
@@ -261,18 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo",
                    help="folder for grid.png, post_trained_grid.png and scores.json")
     p.add_argument("--per-category", type=int, default=32, help="evaluation prompts per GenEval category")
-    # MaPO: offline (no sampling in the training loop, so its step count depends little on the
-    # machine) and +0.141 GenEval-lite in 240 s on the default base model
-    # (experiments/results/alignment.md). The online methods gain more there, but mostly by
-    # filling images with extra objects (DiffusionNFT: 6.5 objects per image, strict score 0).
+    # MaPO on the strict verifier's pairs: offline (no sampling in the training loop, so its step
+    # count depends little on the machine) and the largest GenEval-lite gain on strict rewards in
+    # 240 s on the default base model, +0.167 (experiments/results/alignment_strict.md). On
+    # GenEval-lite's presence rules the online methods gain more, mostly by filling images with
+    # extra objects (experiments/results/alignment.md: DiffusionNFT 6.5 objects per image, strict 0).
     p.add_argument("--post-train", default="mapo", choices=[*METHODS, "none"],
                    help="post-training method run on the base model with LoRA (default: %(default)s); "
                         "none: stop after the base model")
     p.add_argument("--post-train-seconds", type=float, default=300.0,
                    help="post-training budget in seconds of training (default: %(default)s)")
-    p.add_argument("--strict-reward", action="store_true",
+    p.add_argument("--strict-reward", action=argparse.BooleanOptionalAction, default=None,
                    help="score the post-training samples with the strict verifier (an object the prompt does "
-                        "not name fails the image) instead of GenEval-lite's presence rules, which reward clutter")
+                        "not name fails the image) rather than GenEval-lite's presence rules, which reward "
+                        "clutter (default: on, except for reward_backprop, which does not use the verifier)")
     _sampling_args(p)
     p.set_defaults(fn=demo)
 

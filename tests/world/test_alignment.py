@@ -161,6 +161,9 @@ def test_demo_post_training_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--strict-reward scores training samples with the strict verifier"):
         cli.main(["demo", "--cache", str(tmp_path), "--out", str(tmp_path), "--post-train", "reward_backprop",
                   "--strict-reward"])
+    # the default: strict wherever the method's reward is the verifier's
+    assert cli.strict_reward("mapo", None) and cli.strict_reward("nft", None)
+    assert not cli.strict_reward("reward_backprop", None) and not cli.strict_reward("nft", False)
     assert not (tmp_path / "shapes").exists()
 
 
@@ -216,12 +219,13 @@ def test_post_train_lora_run_on_a_tiny_model():
 # --- jdpt demo with its post-training stage (slow) ------------------------------------------
 
 @pytest.mark.slow  # the ci base model (from $JDPT_CACHE, else pretrained: ~1 min) + 10 s of training + compiles
-# None: the demo's default (offline, MaPO); then an online method on the strict verifier's rewards
+# None: the demo's default (offline MaPO on the strict verifier's pairs); then an online method on
+# GenEval-lite's own rewards
 @pytest.mark.parametrize("method", [None, "nft"])
 def test_demo_post_training_stage(tmp_path, capsys, method):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--preset", "ci", "--out", str(out), "--per-category", "2",
-                     *(["--post-train", method, "--strict-reward"] if method else []),
+                     *(["--post-train", method, "--no-strict-reward"] if method else []),
                      "--post-train-seconds", "10"]) == 0
     report = json.loads((out / "scores.json").read_text())
     post = report["post_training"]
@@ -240,10 +244,10 @@ def test_demo_post_training_stage(tmp_path, capsys, method):
     assert post["train_seconds"] >= 10 or post["steps"] >= 2
     curve = post["reward_curve"]
     assert len(curve["step"]) == len(curve["reward"]) == post["steps"]
-    assert post["strict_reward"] == (method == "nft")
+    assert post["strict_reward"] == (method is None)
     if method == "nft":
         assert all(0 <= x <= 1 for x in curve["reward"])  # verifier scores of the rollouts
-        assert curve["reward_name"] == "strict verifier score of the old policy's samples"
+        assert curve["reward_name"] == "verifier score of the old policy's samples"
     else:
         assert set(curve["reward"]) == {None}  # offline: no training reward
 

@@ -4,8 +4,9 @@
 Shapes-world base model, sample a fixed prompt set covering GenEval's six categories, score every
 image with the analytic verifier, and write ``grid.png`` and ``scores.json``. Then post-train it
 (LoRA, ``--post-train METHOD`` for ``--post-train-seconds``, rewarded by the strict verifier unless
-``--no-strict-reward``), sample the same prompts with the same seeds, print the scores before and after per category and write ``post_trained_grid.png`` (base
-and post-trained side by side); ``--post-train none`` stops after the base model.
+``--no-strict-reward``), sample the same prompts with the same seeds, print the scores before and
+after per category and write ``post_trained_grid.png`` (base and post-trained side by side);
+``--post-train none`` stops after the base model.
 
 ``jdpt sample``: images for a prompt from a Shapes-world model folder or a diffusers pipeline folder
 (Flux, SD 1.x/2.x, SDXL, SD3; dispatched on ``model_index.json``).

@@ -8,9 +8,9 @@ count is spent:
 - offline, on one preference data set made once by the base model and the verifier: SFT on the
   winners, Diffusion-DPO (its flow form: velocity MSEs), MaPO;
 - online, the verifier's 0/1 score (GenEval-lite) as the reward: DDPO (DDIM eta = 1 rollouts
-  through ``flow_as_epsilon``), Flow-GRPO, DiffusionNFT;
-  (``AlignSettings(strict_reward=True)`` scores the offline pairs and the online rewards with the
-  strict verifier, which fails images with objects their prompt does not name);
+  through ``flow_as_epsilon``), Flow-GRPO, DiffusionNFT (``AlignSettings(strict_reward=True)``
+  scores the offline pairs and the online rewards with the strict verifier instead, which fails
+  images with objects their prompt does not name);
 - reward backprop (AlignProp: randomised truncation) on the soft colour-mass surrogate
   (``jdpt.world.colour_mass``; the verifier is not differentiable).
 

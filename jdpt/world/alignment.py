@@ -180,7 +180,7 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
     if method in OFFLINE and data.strict != settings.strict_reward:
         raise ValueError(f"the offline data was scored with strict={data.strict} but "
                          f"AlignSettings.strict_reward={settings.strict_reward}: make it with "
-                         f"make_offline_data(base, settings) for these settings")
+                         "make_offline_data(base, settings) for these settings")
     if method == "reward_backprop" and areas is None:
         areas = object_areas(config)
     model = fresh_model(base, full, settings)

@@ -234,20 +234,16 @@ def xla_attention(
 ) -> tuple[Array, Array | None]:
     """Plain-XLA attention; the reference semantics for every implementation.
 
-    Logits, masking and softmax run in fp32; the softmax's unnormalised weights are cast to
-    ``v``'s dtype for the value product, which accumulates in fp32 and is then divided by the
-    weights' sum (a softmax, normalised after the product).
+    Logits, masking and softmax run in fp32; probabilities are cast to ``v``'s dtype before the
+    value product (as in ``jax.nn.dot_product_attention``).
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     # Head-major operands: one transpose each, then plain batched matmuls (measured faster on
     # CPU, forward and backward, than contracting the [B, T, H, D] layout directly).
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    # The scale goes on q ([T, D] per head) rather than on the [T, S] logits, and the softmax's
-    # normaliser divides the [T, D] output rather than the [T, S] weights: two fewer passes over
-    # the largest array, forward and backward.
-    logits = jnp.einsum("bhtd,bhsd->bhts", (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype), k,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     keep = None
@@ -258,11 +254,8 @@ def xla_attention(
         keep = causal if keep is None else jnp.logical_and(keep, causal)
     if keep is not None:
         logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    total = weights.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out / total).astype(v.dtype)
-    probs = weights / total if return_probs else None
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v)
     avg = probs.mean(axis=1) if return_probs else None
     if head_weight is not None:
         u = _head_weight(head_weight, q.shape[0], q.shape[1])  # [B, H, 1, 1]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import statistics
 import time
@@ -46,7 +47,7 @@ from flax import nnx, struct
 from jdpt.guidance import PAG
 from jdpt.guidance.cfg import cfg, split_branches
 from jdpt.models.attention import AttentionPlan, LayerPlans
-from jdpt.timing import machine
+from jdpt.timing import interleaved_times, machine
 from jdpt.world.cache import PRESETS
 from jdpt.world.model import SAMPLING_STEPS, WorldModel
 
@@ -98,15 +99,16 @@ def measure(model: WorldModel, guidances: dict[str, object], *, batch: int, step
         start = time.perf_counter()
         compiled[name] = jax.jit(sample).lower(state, ids, jax.random.key(0), g).compile()
         out[name] = {"compile_seconds": time.perf_counter() - start, "flops": _flops(compiled[name]),
-                     "branches": len(g.branches), "times": []}
+                     "branches": len(g.branches)}
         np.asarray(compiled[name](state, ids, jax.random.key(0), g))  # warm-up
-    for r in range(repeats):
-        for name, g in guidances.items():
-            start = time.perf_counter()
-            np.asarray(compiled[name](state, ids, jax.random.key(r + 1), g))
-            out[name]["times"].append(time.perf_counter() - start)
-    for row in out.values():
-        row["seconds"] = statistics.median(row["times"])
+    def run(name, g):
+        keys = itertools.count(1)  # repeat r samples with key r + 1
+        return lambda: np.asarray(compiled[name](state, ids, jax.random.key(next(keys)), g))
+
+    times = interleaved_times({name: run(name, g) for name, g in guidances.items()}, repeats)
+    for name, row in out.items():
+        row["times"] = times[name]
+        row["seconds"] = statistics.median(times[name])
     return out
 
 

@@ -1,7 +1,7 @@
 """Timing helpers shared by the benchmark and experiment scripts (``experiments/``).
 
-``interleaved_medians`` times competing functions in turn, so that load drifting during a run
-affects every side alike; ``machine`` records where a number was measured (the CPUs this process
+``interleaved_times`` times competing functions in turn, so that load drifting during a run
+affects every side alike (``interleaved_medians``: their medians); ``machine`` records where a number was measured (the CPUs this process
 may run on, which ``taskset`` narrows, and the load at the time).
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Callable
 import jax
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time in seconds of each function, calling them in turn every repeat (each
-    function must block until its result is ready)."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times in seconds of ``repeats`` calls of each function, calling them in turn every
+    repeat (each function must block until its result is ready)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -27,7 +27,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median of :func:`interleaved_times` per function."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
 
 
 def machine() -> dict:

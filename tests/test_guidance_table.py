@@ -199,6 +199,7 @@ def test_bench_guidance_cost_runs(tmp_path):
     assert set(result["rows"]) == {f"{g} ({i})" for g, i in itertools.product(("CFG", "PAG", "CFG+PAG"),
                                                                                  ("xla", "pallas"))}
     assert [result["rows"][f"{g} (xla)"]["branches"] for g in ("CFG", "PAG", "CFG+PAG")] == [2, 2, 3]
+    assert all(r["times"] == [r["seconds"]] for r in result["rows"].values())  # one repeat each
     assert all(v > 0 for v in result["ratios"].values())
     md = (tmp_path / "bench_guidance_cost.md").read_text()
     assert "PAG (pallas) / CFG (xla)" in md and "CFG+PAG (pallas) / CFG (xla)" in md

@@ -6,7 +6,7 @@ import time
 import jax
 import pytest
 
-from jdpt.timing import interleaved_medians, machine
+from jdpt.timing import interleaved_medians, interleaved_times, machine
 
 
 def test_interleaved_medians_calls_in_turn_and_takes_medians():
@@ -24,6 +24,13 @@ def test_interleaved_medians_calls_in_turn_and_takes_medians():
     # medians of (1, 30, 2) ms and (20, 21, 60) ms; sleep overshoots by well under 5 ms here
     assert 0.002 <= medians["short"] < 0.007
     assert 0.021 <= medians["long"] < 0.026
+
+
+def test_interleaved_times_records_every_call():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: time.sleep(0.01)}, repeats=4)
+    assert calls == ["a"] * 4 and [len(t) for t in times.values()] == [4, 4]
+    assert all(t >= 0.01 for t in times["b"]) and all(t < 0.01 for t in times["a"])
 
 
 def test_interleaved_medians_needs_a_repeat():

@@ -1,8 +1,9 @@
 """Timing helpers shared by the benchmark and experiment scripts (``experiments/``).
 
 ``interleaved_times`` times competing functions in turn, so that load drifting during a run
-affects every side alike (``interleaved_medians``: their medians); ``machine`` records where a number was measured (the CPUs this process
-may run on, which ``taskset`` narrows, and the load at the time).
+affects every side alike (``interleaved_medians``: their medians); ``machine`` records where a
+number was measured (the CPUs this process may run on, which ``taskset`` narrows, and the load
+at the time).
 """
 
 from __future__ import annotations

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jdpt.models.attention import (
+    RECOMPUTE_MIN_SCORES,
     AttentionPlan,
     LayerPlans,
     attention,
     available_implementations,
     plan_layers,
     resolve_plan,
+    xla_attention,
 )
 
 
@@ -84,6 +87,88 @@ def test_bf16_keeps_fp32_softmax():
     np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=4e-2)
 
 
+def _masks(kind: str, t: int, s: int):
+    """(mask, is_causal) of a recompute test case; every query keeps at least one key."""
+    key = jax.random.key(7)
+    if kind == "rows":  # a different mask per query row (chunked with the queries)
+        return (jax.random.uniform(key, (2, 1, t, s)) > 0.3).at[..., 0].set(True), False
+    if kind == "keys":  # one mask per key (a padding mask, broadcast over the rows)
+        return (jax.random.uniform(key, (2, 1, 1, s)) > 0.3).at[..., 0].set(True), False
+    return None, kind == "causal"
+
+
+@pytest.mark.parametrize("t,s,kind", [(150, 70, "none"), (150, 150, "causal"), (130, 97, "rows"),
+                                      (64, 200, "keys"), (40, 40, "none")])
+def test_recomputing_backward_matches_autodiff(t, s, kind):
+    """recompute=True (probabilities recomputed per query chunk in the backward) against
+    jax.nn.dot_product_attention's autodiff: same gradients, bit-identical forward. The query
+    counts are not multiples of the chunk, so the padded last chunk is covered."""
+    q, k, v = _qkv(t=t, s=s, h=2, d=8)
+    mask, causal = _masks(kind, t, s)
+    w = jax.random.normal(jax.random.key(3), q.shape)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))
+
+    ours = loss(lambda q, k, v: xla_attention(q, k, v, mask=mask, is_causal=causal, recompute=True)[0])
+    ref = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                                            implementation="xla"))
+    (value, grads), (ref_value, ref_grads) = ours(q, k, v), ref(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
+    stored = xla_attention(q, k, v, mask=mask, is_causal=causal, recompute=False)[0]
+    np.testing.assert_array_equal(xla_attention(q, k, v, mask=mask, is_causal=causal, recompute=True)[0], stored)
+
+
+def test_recomputing_backward_with_head_weight_and_bf16():
+    """SoftPAG's mix stays outside the recomputed core (u's gradient included); bf16 operands get
+    bf16 gradients within bf16 rounding of the fp32 ones."""
+    q, k, v = _qkv(t=100, s=100, h=2, d=16)
+    u = jnp.array([0.3, 1.0])
+
+    def grads(recompute, dtype):
+        def loss(q, k, v, u):
+            out, _ = xla_attention(q, k, v, head_weight=u, recompute=recompute)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(*(x.astype(dtype) for x in (q, k, v)), u)
+
+    ref = grads(False, jnp.float32)
+    for g, r in zip(grads(True, jnp.float32), ref, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
+    for g, r in zip(grads(True, jnp.bfloat16)[:3], ref[:3], strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=3e-2 * float(jnp.abs(r).max()))
+
+
+def _saved_score_sized(capsys, t: int, s: int, **kw) -> list[str]:
+    """The residuals that the default attention keeps for its backward with T*S elements per head."""
+    q, k, v = _qkv(b=1, t=t, s=s, h=1, d=4)
+    jax.ad_checkpoint.print_saved_residuals(lambda q, k, v: attention(q, k, v, **kw)[0], q, k, v)
+    return [line for line in capsys.readouterr().out.splitlines() if f"{t},{s}]" in line]
+
+
+def test_long_sequences_store_no_probabilities(capsys):
+    """The default "xla" implementation keeps the [B, H, T, S] probabilities for the backward
+    below RECOMPUTE_MIN_SCORES and only q, k, v from there on (unless a bias needs them)."""
+    side = int(RECOMPUTE_MIN_SCORES**0.5)
+    assert _saved_score_sized(capsys, side // 2, side // 2)
+    assert not _saved_score_sized(capsys, side, side)
+    assert not _saved_score_sized(capsys, side, side, is_causal=True)
+    assert _saved_score_sized(capsys, side, side, bias=jnp.zeros((side, side)))
+    assert _saved_score_sized(capsys, side, side, plan=AttentionPlan(impl="xla_dense"))
+
+
+def test_xla_dense_has_forward_mode_derivatives():
+    """impl="xla_dense" never uses the custom-VJP backward, so jax.jvp works at any length."""
+    side = int(RECOMPUTE_MIN_SCORES**0.5)
+    q, k, v = _qkv(b=1, t=side, s=side, h=1, d=4)
+    tangents = _qkv(b=1, t=side, s=side, h=1, d=4, seed=1)
+    _, ours = jax.jvp(lambda q, k, v: attention(q, k, v, plan=AttentionPlan(impl="xla_dense"))[0], (q, k, v), tangents)
+    _, ref = jax.jvp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"), (q, k, v), tangents)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
 def test_plans_by_layer_name():
     names = ["blocks.0.attn", "blocks.1.attn", "single.0.attn"]
     pag = AttentionPlan(head_weight=jnp.ones(2))
@@ -122,4 +207,8 @@ def test_errors_name_the_problem():
         attention(q[0], k, v)
     with pytest.raises(ValueError, match="shapes disagree"):
         attention(q, k[..., :4], v)
-    assert "xla" in available_implementations()
+    assert {"xla", "xla_dense"} <= set(available_implementations())
+    with pytest.raises(ValueError, match="recompute=True .* no logit bias"):
+        xla_attention(q, k, v, bias=jnp.zeros((7, 7)), recompute=True)
+    with pytest.raises(ValueError, match="recompute=True .* cannot return_probs"):
+        xla_attention(q, k, v, return_probs=True, recompute=True)

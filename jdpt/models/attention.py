@@ -221,7 +221,8 @@ def available_implementations() -> list[str]:
     return sorted(_IMPLEMENTATIONS)
 
 
-RECOMPUTE_MIN_SCORES = 2**18  # T * S from which "xla" recomputes probabilities in the backward
+RECOMPUTE_MIN_SCORES = 2**18  # "xla" recomputes probabilities in the backward from T * S = 2^18 ...
+RECOMPUTE_MAX_HEAD_DIM = 16  # ... for head dims up to 16
 RECOMPUTE_QUERY_CHUNK = 64  # queries per step of that backward
 
 
@@ -247,12 +248,14 @@ def xla_attention(
     probabilities ``RECOMPUTE_QUERY_CHUNK`` queries at a time (the FlashAttention-2 backward as
     plain XLA ops) instead of keeping the ``[B, H, T, S]`` probabilities for the backward pass.
     The forward pass and its values are the same either way; the gradients agree to rounding.
-    ``None`` (the ``"xla"`` implementation) turns it on for calls with ``T * S >=
-    RECOMPUTE_MIN_SCORES``, no ``bias`` or ``return_probs`` and a Python-number ``scale``: on 2 CPU cores it makes the
-    forward+backward of a 1024-token self-attention 2.2x faster, while shorter sequences are
-    faster with the stored probabilities. The recomputing backward is a ``jax.custom_vjp``, so it
-    has no forward-mode derivative (``jax.jvp``): plans that need one use ``impl="xla_dense"``
-    (``recompute=False``).
+    ``None`` (the ``"xla"`` implementation) turns it on where it was measured faster (2 CPU
+    cores, forward+backward): ``T * S >= RECOMPUTE_MIN_SCORES`` and head dim <=
+    ``RECOMPUTE_MAX_HEAD_DIM`` (1024 tokens at head dim 8: 2.2x faster; 512 and 2048 tokens at
+    head dim 16: 1.8x), with no ``bias`` or ``return_probs`` and a Python-number ``scale``. At
+    head dims 32-128 recomputing the logits costs more than it saves on a CPU (512 tokens, head
+    dim 64: 1.3x slower) though it still saves the memory; ask for it with ``recompute=True``.
+    The recomputing backward is a ``jax.custom_vjp``, so it has no forward-mode derivative
+    (``jax.jvp``): plans that need one use ``impl="xla_dense"`` (``recompute=False``).
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
@@ -260,8 +263,8 @@ def xla_attention(
     # CPU, forward and backward, than contracting the [B, T, H, D] layout directly).
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if recompute is None:
-        recompute = (q.shape[2] * k.shape[2] >= RECOMPUTE_MIN_SCORES and bias is None and not return_probs
-                     and isinstance(scale, int | float))
+        recompute = (q.shape[2] * k.shape[2] >= RECOMPUTE_MIN_SCORES and d <= RECOMPUTE_MAX_HEAD_DIM
+                     and bias is None and not return_probs and isinstance(scale, int | float))
     elif recompute and (bias is not None or return_probs):
         raise ValueError(
             "recompute=True recomputes the probabilities in the backward pass, so it takes no logit "

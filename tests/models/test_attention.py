@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jdpt.models.attention import (
+    RECOMPUTE_MAX_HEAD_DIM,
     RECOMPUTE_MIN_SCORES,
     AttentionPlan,
     LayerPlans,
@@ -141,19 +142,22 @@ def test_recomputing_backward_with_head_weight_and_bf16():
         np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=3e-2 * float(jnp.abs(r).max()))
 
 
-def _saved_score_sized(capsys, t: int, s: int, **kw) -> list[str]:
+def _saved_score_sized(capsys, t: int, s: int, d: int = 4, **kw) -> list[str]:
     """The residuals that the default attention keeps for its backward with T*S elements per head."""
-    q, k, v = _qkv(b=1, t=t, s=s, h=1, d=4)
+    q, k, v = _qkv(b=1, t=t, s=s, h=1, d=d)
     jax.ad_checkpoint.print_saved_residuals(lambda q, k, v: attention(q, k, v, **kw)[0], q, k, v)
     return [line for line in capsys.readouterr().out.splitlines() if f"{t},{s}]" in line]
 
 
 def test_long_sequences_store_no_probabilities(capsys):
     """The default "xla" implementation keeps the [B, H, T, S] probabilities for the backward
-    below RECOMPUTE_MIN_SCORES and only q, k, v from there on (unless a bias needs them)."""
+    below RECOMPUTE_MIN_SCORES or above RECOMPUTE_MAX_HEAD_DIM and only q, k, v otherwise
+    (unless a bias needs them)."""
     side = int(RECOMPUTE_MIN_SCORES**0.5)
     assert _saved_score_sized(capsys, side // 2, side // 2)
     assert not _saved_score_sized(capsys, side, side)
+    assert not _saved_score_sized(capsys, side, side, d=RECOMPUTE_MAX_HEAD_DIM)
+    assert _saved_score_sized(capsys, side, side, d=2 * RECOMPUTE_MAX_HEAD_DIM)
     assert not _saved_score_sized(capsys, side, side, is_causal=True)
     assert _saved_score_sized(capsys, side, side, bias=jnp.zeros((side, side)))
     assert _saved_score_sized(capsys, side, side, plan=AttentionPlan(impl="xla_dense"))

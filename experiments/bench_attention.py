@@ -1,5 +1,5 @@
-"""Perturbed (SoftPAG/PAG) flash attention: the Pallas kernel vs jax.nn.dot_product_attention and
-the dense plain-JAX reference, same inputs, same run.
+"""Perturbed (SoftPAG/PAG) flash attention: the Pallas kernel vs jax.nn.dot_product_attention, the
+dense plain-JAX reference and jdpt's default ``"xla"`` attention, same inputs, same run.
 
 Every implementation computes the same thing; the XLA/cuDNN baselines express the perturbation
 as a per-head mask (a PAG head, u = 1, attends only to its own key: mask = eye), so ``u`` is 0 or
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdpt.kernels.attention import attention_flops, perturbed_attention, perturbed_attention_reference
+from jdpt.models.attention import AttentionPlan, attention
 from jdpt.timing import interleaved_medians
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,6 +59,9 @@ def _implementations(u: jax.Array, seq: int, on_gpu: bool) -> dict[str, Callable
         "pallas": lambda q, k, v: perturbed_attention(q, k, v, u),
         f"jax.nn xla{' (eye mask)' if any_pert else ''}": dpa("xla"),
         "plain-JAX reference": lambda q, k, v: perturbed_attention_reference(q, k, v, u),
+        # The library's default: the SoftPAG plan on the "xla" implementation (its backward
+        # recomputes the probabilities in query chunks from T * S = RECOMPUTE_MIN_SCORES).
+        'jdpt attention, impl="xla"': lambda q, k, v: attention(q, k, v, plan=AttentionPlan(head_weight=u))[0],
     }
     if on_gpu:
         fns[f"jax.nn cudnn{' (eye mask)' if any_pert else ''}"] = dpa("cudnn")
@@ -152,7 +156,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_attention.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     (RESULTS / "bench_attention.md").write_text(
-        "# Perturbed flash attention: Pallas vs jax.nn.dot_product_attention vs plain JAX\n\n"
+        "# Perturbed flash attention: Pallas vs jax.nn.dot_product_attention vs plain JAX vs jdpt xla\n\n"
         f"{caveat}"
         f"B={args.batch}, H={heads}, D={args.dim}, bf16. u=0: no head perturbed; u=1: every head a "
         "PAG head (the kernel skips QK^T there; XLA/cuDNN get an eye mask); mixed: every other head. "

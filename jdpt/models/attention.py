@@ -222,7 +222,7 @@ def available_implementations() -> list[str]:
 
 
 RECOMPUTE_MIN_SCORES = 2**18  # "xla" recomputes probabilities in the backward from T * S = 2^18 ...
-RECOMPUTE_MAX_HEAD_DIM = 16  # ... for head dims up to 16
+RECOMPUTE_MAX_HEAD_DIM = 16  # ... for head dims up to 16 on a CPU (any head dim elsewhere)
 RECOMPUTE_QUERY_CHUNK = 64  # queries per step of that backward
 
 
@@ -248,12 +248,14 @@ def xla_attention(
     probabilities ``RECOMPUTE_QUERY_CHUNK`` queries at a time (the FlashAttention-2 backward as
     plain XLA ops) instead of keeping the ``[B, H, T, S]`` probabilities for the backward pass.
     The forward pass and its values are the same either way; the gradients agree to rounding.
-    ``None`` (the ``"xla"`` implementation) turns it on where it was measured faster (2 CPU
-    cores, forward+backward): ``T * S >= RECOMPUTE_MIN_SCORES`` and head dim <=
-    ``RECOMPUTE_MAX_HEAD_DIM`` (1024 tokens at head dim 8: 2.2x faster; 512 and 2048 tokens at
-    head dim 16: 1.8x), with no ``bias`` or ``return_probs`` and a Python-number ``scale``. At
-    head dims 32-128 recomputing the logits costs more than it saves on a CPU (512 tokens, head
-    dim 64: 1.3x slower) though it still saves the memory; ask for it with ``recompute=True``.
+    ``None`` (the ``"xla"`` implementation) turns it on for ``T * S >= RECOMPUTE_MIN_SCORES``
+    with no ``bias`` or ``return_probs`` and a Python-number ``scale``, on a CPU only for head
+    dims <= ``RECOMPUTE_MAX_HEAD_DIM``, where it was measured faster (2 cores, forward+backward:
+    1024 tokens at head dim 8 2.2x faster; 512 and 2048 tokens at head dim 16: 1.8x); at head
+    dims 32-128 recomputing the logits costs a CPU more than it saves (512 tokens, head dim 64:
+    1.3x slower; ask with ``recompute=True`` for the memory). On GPU/TPU it is on at any head
+    dim for the memory, which is what limits training there (one 4096-token layer of 24 heads
+    stores 1.6 GB of fp32 probabilities per image); its speed there is not measured yet.
     The recomputing backward is a ``jax.custom_vjp``, so it has no forward-mode derivative
     (``jax.jvp``): plans that need one use ``impl="xla_dense"`` (``recompute=False``).
     """
@@ -263,7 +265,8 @@ def xla_attention(
     # CPU, forward and backward, than contracting the [B, T, H, D] layout directly).
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if recompute is None:
-        recompute = (q.shape[2] * k.shape[2] >= RECOMPUTE_MIN_SCORES and d <= RECOMPUTE_MAX_HEAD_DIM
+        small_heads = d <= RECOMPUTE_MAX_HEAD_DIM or jax.default_backend() != "cpu"
+        recompute = (q.shape[2] * k.shape[2] >= RECOMPUTE_MIN_SCORES and small_heads
                      and bias is None and not return_probs and isinstance(scale, int | float))
     elif recompute and (bias is not None or return_probs):
         raise ValueError(

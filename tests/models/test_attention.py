@@ -149,10 +149,10 @@ def _saved_score_sized(capsys, t: int, s: int, d: int = 4, **kw) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if f"{t},{s}]" in line]
 
 
-def test_long_sequences_store_no_probabilities(capsys):
+def test_long_sequences_store_no_probabilities(capsys, monkeypatch):
     """The default "xla" implementation keeps the [B, H, T, S] probabilities for the backward
-    below RECOMPUTE_MIN_SCORES or above RECOMPUTE_MAX_HEAD_DIM and only q, k, v otherwise
-    (unless a bias needs them)."""
+    below RECOMPUTE_MIN_SCORES or (on a CPU) above RECOMPUTE_MAX_HEAD_DIM and only q, k, v
+    otherwise (unless a bias needs them)."""
     side = int(RECOMPUTE_MIN_SCORES**0.5)
     assert _saved_score_sized(capsys, side // 2, side // 2)
     assert not _saved_score_sized(capsys, side, side)
@@ -161,6 +161,10 @@ def test_long_sequences_store_no_probabilities(capsys):
     assert not _saved_score_sized(capsys, side, side, is_causal=True)
     assert _saved_score_sized(capsys, side, side, bias=jnp.zeros((side, side)))
     assert _saved_score_sized(capsys, side, side, plan=AttentionPlan(impl="xla_dense"))
+    # Off the CPU the head dim does not matter (the choice is made for the memory).
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _saved_score_sized(capsys, side, side, d=2 * RECOMPUTE_MAX_HEAD_DIM)
+    assert _saved_score_sized(capsys, side // 2, side // 2, d=2 * RECOMPUTE_MAX_HEAD_DIM)
 
 
 def test_xla_dense_has_forward_mode_derivatives():

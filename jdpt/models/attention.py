@@ -4,8 +4,9 @@ Every attention layer of every model calls :func:`attention` with an :class:`Att
 The plan says *how* the call is computed; guidance methods (PAG, SoftPAG/HeadHunter, ...) are
 plans handed to the model, not forks of model code:
 
-- ``impl``: which implementation runs the call (``"xla"`` is always available; accelerated
-  kernels register themselves under other names with :func:`register_implementation`).
+- ``impl``: which implementation runs the call (``"xla"`` and ``"xla_dense"`` are always
+  available, see :func:`xla_attention`; accelerated kernels register themselves under other
+  names with :func:`register_implementation`).
 - ``head_weight`` (``u``): per-head perturbation weight. The output becomes
   ``(1 - u) * softmax(q k^T * scale) v + u * v`` (SoftPAG); ``u = 1`` on every head of a layer is
   PAG's identity attention, ``u = 0`` is plain attention.

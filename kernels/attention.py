@@ -447,7 +447,7 @@ def pallas_attention(
 ) -> tuple[Array, None]:
     """The ``"pallas"`` implementation of :func:`jdpt.models.attention.attention`.
 
-    Same semantics as :func:`jdpt.models.attention.xla_attention` for what it supports, plus a
+    Same semantics as :func:`jdpt.models.attention_xla.xla_attention` for what it supports, plus a
     plan's MMDiT identity mode (``joint_text``: the text span, see :func:`perturbed_attention`);
     every other feature raises ``NotImplementedError`` naming the fix instead of falling back.
     """

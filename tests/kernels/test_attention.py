@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jdpt.kernels.attention import pallas_attention, perturbed_attention, perturbed_attention_reference
-from jdpt.models.attention import AttentionPlan, attention, available_implementations, xla_attention
+from jdpt.models.attention import AttentionPlan, attention, available_implementations
+from jdpt.models.attention_xla import xla_attention
 
 
 def _qkv(shape, dtype=jnp.float32, seed=0, kv_len=None):

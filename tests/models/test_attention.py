@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 
 from jdpt.models.attention import (
-    RECOMPUTE_MAX_HEAD_DIM,
-    RECOMPUTE_MIN_SCORES,
     AttentionPlan,
     LayerPlans,
     attention,
     available_implementations,
     plan_layers,
     resolve_plan,
-    xla_attention,
 )
+from jdpt.models.attention_xla import RECOMPUTE_MAX_HEAD_DIM, RECOMPUTE_MIN_SCORES, xla_attention
 
 
 def _qkv(b=2, t=7, s=7, h=3, d=8, seed=0, dtype=jnp.float32):

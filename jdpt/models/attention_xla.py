@@ -102,11 +102,8 @@ def _keep(mask: Array | None, is_causal: bool, t: int, s: int, first_row: Array 
     """The boolean keep-mask of ``mask`` and causality for queries ``first_row ..`` of ``t``."""
     keep = None if mask is None else mask.astype(bool)
     if is_causal:
-        if isinstance(first_row, int) and first_row == 0:
-            causal = jnp.tril(jnp.ones((t, s), bool))
-        else:
-            rows = first_row + jax.lax.broadcasted_iota(jnp.int32, (t, s), 0)
-            causal = rows >= jax.lax.broadcasted_iota(jnp.int32, (t, s), 1)
+        rows = first_row + jax.lax.broadcasted_iota(jnp.int32, (t, s), 0)
+        causal = rows >= jax.lax.broadcasted_iota(jnp.int32, (t, s), 1)
         keep = causal if keep is None else jnp.logical_and(keep, causal)
     return keep
 
@@ -117,7 +114,7 @@ def _recomputing_attention(q: Array, k: Array, v: Array, mask: Array | None, sca
     """:func:`_softmax_attention`'s output (no bias) with a backward that recomputes the
     probabilities chunk by chunk. ``mask``: None or a 4-D boolean mask broadcastable to
     ``[B, H, T, S]`` (not differentiated); the causal mask is rebuilt per chunk, never stored."""
-    return _softmax_attention(q, k, v, None, _keep(mask, is_causal, q.shape[2], k.shape[2]), scale)[0]
+    return _recomputing_fwd(q, k, v, mask, scale, is_causal)[0]
 
 
 def _recomputing_fwd(q, k, v, mask, scale, is_causal):

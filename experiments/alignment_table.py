@@ -44,7 +44,6 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jdpt.data.shapes import CATEGORIES, Prompt
 from jdpt.parallel.step import Frozen
 from jdpt.timing import machine
 from jdpt.world.alignment import METHODS, OFFLINE, AlignSettings, post_train, reward_description
@@ -53,6 +52,7 @@ from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
 from jdpt.world.pretraining import eval_prompts
+from jdpt.world.scenes import CATEGORIES, Prompt
 
 RESULTS = Path(__file__).parent / "results"
 # The papers' headline numbers as /work/shared/methods/alignment.md records them (text, not ours).

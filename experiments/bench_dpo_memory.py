@@ -60,7 +60,7 @@ def measure(variant: str, rank: int, pairs: int, world: dict | None = None) -> d
     from jdpt.models.lora import add_lora
     from jdpt.objectives import DPO
     from jdpt.parallel import make_mesh, make_train_step
-    from jdpt.world import WorldConfig
+    from jdpt.world import WorldConfig, world_velocity
 
     jnp.zeros(()).block_until_ready()  # the runtime is up before the baseline
     rss_before = _rss_bytes()
@@ -76,7 +76,7 @@ def measure(variant: str, rank: int, pairs: int, world: dict | None = None) -> d
     else:
         raise ValueError(f"variant={variant!r}: use 'lora' or 'full'")
     mesh = make_mesh(devices=jax.devices()[:1])
-    init_state, step = make_train_step(DPO(), optax.adamw(1e-4, weight_decay=1e-4), mesh, model=model,
+    init_state, step = make_train_step(DPO(world_velocity), optax.adamw(1e-4, weight_decay=1e-4), mesh, model=model,
                                        trainable=trainable)
     state = init_state(model, extra=extra)
     h, w = model.latent_size

@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jdpt.diffusion.branches import split_branches
 from jdpt.guidance import PAG
-from jdpt.guidance.cfg import cfg, split_branches
+from jdpt.guidance.cfg import cfg
 from jdpt.models.attention import AttentionPlan, LayerPlans
 from jdpt.timing import interleaved_times, machine
 from jdpt.world.cache import PRESETS

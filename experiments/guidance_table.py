@@ -6,7 +6,7 @@ Every row samples the same fixed prompt set (``--n-per-category`` prompts of eac
 category, ``eval_prompts``) from the same initial noise with the base model of ``--preset``
 (Euler, ``--steps`` steps), so rows differ only by their guidance. Per row:
 
-- GenEval-lite per category and overall (the analytic verifier, ``jdpt.rewards.verifier``).
+- GenEval-lite per category and overall (the analytic verifier, ``jdpt.world.verifier``).
 - ``FD``: a Frechet distance (FID's formula, Heusel et al. 2017) between Gaussian fits of
   *verifier features* of the generated images and of rendered ground-truth scenes for the same
   prompts (``--ref-renders`` scenes per prompt). The features of an image (:func:`features`)
@@ -55,22 +55,24 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from jdpt.data.shapes import CATEGORIES, Prompt, ShapesConfig, render, sample_prompts
 from jdpt.diffusion.pipeline import to_uint8
 from jdpt.diffusion.samplers import euler_flow
 from jdpt.diffusion.schedules import flow_sigmas
 from jdpt.guidance import CFG, PAG, SEG, CFGZeroStar, HeadSearchConfig, SoftPAG, attention_layers, head_hunter
-from jdpt.guidance.attend_excite import AttendExciteConfig, attend_excite_euler, world_maps
+from jdpt.guidance.attend_excite import AttendExciteConfig, attend_excite_euler
 from jdpt.guidance.cfg import cfg
 from jdpt.guidance.perturbation import DIT_DEFAULT_LAYERS, select_layers
-from jdpt.guidance.style_aligned import StyleAlignedConfig, world_style_aligned
+from jdpt.guidance.style_aligned import StyleAlignedConfig
 from jdpt.models.flux import unpack_latents
-from jdpt.rewards.verifier import Detection, verify
 from jdpt.timing import machine
+from jdpt.world.attend_excite import world_maps
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.figures import image_grid
 from jdpt.world.model import SAMPLING_STEPS, WorldModel, empty_prompt, make_sampler
 from jdpt.world.pretraining import eval_prompts
+from jdpt.world.scenes import CATEGORIES, Prompt, ShapesConfig, render, sample_prompts
+from jdpt.world.style_aligned import world_style_aligned
+from jdpt.world.verifier import Detection, verify
 
 RESULTS = Path(__file__).parent / "results"
 NOT_QUOTED = "unverified: not quoted"

@@ -88,11 +88,11 @@ def strict_reward(method: str, flag: bool | None) -> bool:
 def demo(args: argparse.Namespace) -> int:
     import json
 
-    from jdpt.data.shapes import CATEGORIES
     from jdpt.world.cache import base_model, model_dir
     from jdpt.world.figures import image_grid
     from jdpt.world.model import WorldModel
     from jdpt.world.pretraining import eval_prompts, evaluate
+    from jdpt.world.scenes import CATEGORIES
 
     if args.post_train != "none" and not args.post_train_seconds > 0:
         raise SystemExit(f"jdpt demo: --post-train-seconds {args.post_train_seconds} must be > 0 "
@@ -218,9 +218,10 @@ def sample(args: argparse.Namespace) -> int:
 
 def _sample_pipeline(args: argparse.Namespace, key):
     """Images from a diffusers pipeline folder, dispatched on its ``model_index.json`` class."""
+    from jdpt.diffusion import pipeline_parts as pipelines
     from jdpt.diffusion import prompts as flux
     from jdpt.diffusion import sd_pipeline as sd
-    from jdpt.weights import pipelines, sd_pipelines
+    from jdpt.diffusion import sd_pipeline_parts as sd_pipelines
     from jdpt.weights.files import WeightsError
     from jdpt.weights.pipeline_folder import pipeline_root, read_index
 

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jdpt.guidance.cfg import cfg, cfg_zero_star, rescale_guided
+from jdpt.guidance.cfg import cfg, cfg_zero_star, register_combine_kernel, rescale_guided
 from jdpt.guidance.perturbation import pag
 
 Array = jax.Array
@@ -437,3 +437,6 @@ def combine_bytes(k: int, batch: int, n: int, dtype, out_dtype=None, reduction_r
 
 
 __all__ = ["RULES", "guidance_combine", "guidance_combine_reference", "combine_bytes"]
+
+
+register_combine_kernel(guidance_combine)

@@ -1,31 +1,11 @@
-"""Test setup: 8 simulated CPU devices (a pod on a laptop), deterministic PyTorch on the CPU, and
-Hugging Face's ``kernels`` package ahead of this repository's ``kernels/`` folder."""
+"""Test setup: 8 simulated CPU devices (a pod on a laptop) and deterministic PyTorch on the CPU.
+(pytest puts the repository root on ``sys.path``; ``kernels/__init__.py`` itself hands the
+top-level name ``kernels`` to Hugging Face's package, see ``tests/test_imports.py``.)"""
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _import_hub_kernels() -> None:
-    """pytest puts the repository root on ``sys.path``, where the top-level ``kernels/`` folder
-    (installed as ``jdpt.kernels``) would shadow Hugging Face's ``kernels`` package, which
-    transformers imports whenever that distribution is installed (transformers >= 5 requires it).
-    Import the installed package with the root off the path, so ``sys.modules`` holds it."""
-    root = Path(__file__).resolve().parents[1]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-    try:
-        if "kernels" not in sys.modules and importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
-    finally:
-        sys.path[:] = saved
-
-
-_import_hub_kernels()
 
 import jax  # noqa: E402
 

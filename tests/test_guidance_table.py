@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from jdpt.data.shapes import CATEGORIES, ShapesConfig, parse_prompt, render, tokenize, vocabulary
 from jdpt.guidance import PAG
-from jdpt.rewards.verifier import Detection, verify
 from jdpt.world.model import make_sampler
 from jdpt.world.pretraining import eval_prompts
-from tests.objectives.fixtures_offline import TINY_WORLD, tiny_world
+from jdpt.world.scenes import CATEGORIES, ShapesConfig, parse_prompt, render, tokenize, vocabulary
+from jdpt.world.verifier import Detection, verify
 from tests.experiment_scripts import load_script
+from tests.objectives.fixtures_offline import TINY_WORLD, tiny_world
 
 table = load_script("guidance_table")
 SHAPES = ShapesConfig()

@@ -1,50 +1,8 @@
-"""Data: the Shapes world (scenes, prompts, tokenizer) and verifier-made preference pairs."""
+"""Data: preference pairs from scored samples, tensorflow-datasets builders of real data sets
+(:mod:`jdpt.data.builders`) and grain loading (:mod:`jdpt.data.loading`). The Shapes world's
+scenes, grammar and builders live in :mod:`jdpt.world`."""
 
 from jdpt.data.preference import PreferencePairs, preference_pairs
-from jdpt.data.shapes import (
-    BACKGROUND,
-    BOS_ID,
-    CATEGORIES,
-    EOS_ID,
-    NUMBER_WORDS,
-    PAD_ID,
-    PALETTE,
-    PROMPT_TOKENS,
-    RELATIONS,
-    SHAPES,
-    ObjectSpec,
-    Prompt,
-    ShapesConfig,
-    as_rng,
-    parse_prompt,
-    render,
-    sample_pairs,
-    sample_prompts,
-    tokenize,
-    vocabulary,
-)
+from jdpt.data.rng import as_rng
 
-__all__ = [
-    "BACKGROUND",
-    "BOS_ID",
-    "CATEGORIES",
-    "EOS_ID",
-    "NUMBER_WORDS",
-    "PAD_ID",
-    "PALETTE",
-    "PROMPT_TOKENS",
-    "RELATIONS",
-    "SHAPES",
-    "ObjectSpec",
-    "PreferencePairs",
-    "Prompt",
-    "ShapesConfig",
-    "as_rng",
-    "parse_prompt",
-    "preference_pairs",
-    "render",
-    "sample_pairs",
-    "sample_prompts",
-    "tokenize",
-    "vocabulary",
-]
+__all__ = ["PreferencePairs", "as_rng", "preference_pairs"]

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from jdpt.data.shapes import as_rng
+from jdpt.data.rng import as_rng
 
 
 @dataclasses.dataclass(frozen=True)

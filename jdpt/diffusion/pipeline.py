@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jdpt.diffusion.branches import Guidance, stack_branches, step_index
 from jdpt.diffusion.samplers import euler_flow
 from jdpt.diffusion.schedules import flow_sigmas, flow_velocity, flux_mu
-from jdpt.guidance.cfg import Guidance, stack_branches, step_index
 from jdpt.models.flux import FluxTransformer, image_ids, unpack_latents
 from jdpt.models.pixels import PixelCodec
 from jdpt.models.vae import AutoencoderKL

@@ -39,8 +39,8 @@ import numpy as np
 from flax import struct
 
 from jdpt.diffusion.pipeline import flux_generate, flux_latent_size
+from jdpt.diffusion.pipeline_parts import FluxPipelineParts
 from jdpt.models.clip import CLIPTextModelWithProjection, CLIPTextOutput
-from jdpt.weights.pipelines import FluxPipelineParts
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def flux_text_to_image(parts: FluxPipelineParts, prompts: str | Sequence[str], *
     """Sample images for text prompts, as diffusers' ``FluxPipeline(prompt, ...)``.
 
     Args:
-        parts: a loaded pipeline (``jdpt.weights.pipelines.load_flux_pipeline``).
+        parts: a loaded pipeline (``jdpt.diffusion.pipeline_parts.load_flux_pipeline``).
         prompts: one prompt or ``B`` prompts; ``prompts_2`` the T5 prompts (default: the same).
         key: PRNG key for the initial noise, or ``latents``: the packed noise
             ``[B, (H/16) * (W/16), in_channels]`` (diffusers' ``latents=``).

@@ -8,9 +8,9 @@ forward, the unconditional first, ``uncond + guidance_scale * (cond - uncond)``;
 negative embeddings are given, so ``guidance_scale`` may be traced.
 
 ``sd_text_to_image``, ``sdxl_text_to_image`` and ``sd3_text_to_image`` compose prompt encoding
-(``jdpt.diffusion.prompts``) and sampling for a loaded pipeline (``jdpt.weights.sd_pipelines``),
+(``jdpt.diffusion.prompts``) and sampling for a loaded pipeline (``jdpt.diffusion.sd_pipeline_parts``),
 like the diffusers pipelines' ``__call__`` (guidance iff ``guidance_scale > 1``). SD and SDXL
-sample with DDIM whatever scheduler the folder names (see ``jdpt.weights.sd_pipelines``).
+sample with DDIM whatever scheduler the folder names (see ``jdpt.diffusion.sd_pipeline_parts``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jdpt.diffusion.branches import Guidance, stack_branches, step_index
 from jdpt.diffusion.pipeline import to_uint8
 from jdpt.diffusion.prompts import encode_sd3_prompt, encode_sd_prompt, encode_sdxl_prompt, sdxl_time_ids
 from jdpt.diffusion.samplers import ddim_sample, euler_flow
 from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas, inference_timesteps
-from jdpt.guidance.cfg import Guidance, stack_branches, step_index
+from jdpt.diffusion.sd_pipeline_parts import SD3PipelineParts, SDPipelineParts, SDXLPipelineParts
 from jdpt.models.sd3 import SD3Transformer
 from jdpt.models.unet import UNet2DConditionModel
 from jdpt.models.vae import AutoencoderKL
-from jdpt.weights.sd_pipelines import SD3PipelineParts, SDPipelineParts, SDXLPipelineParts
 
 Prompts = str | Sequence[str]
 
@@ -286,7 +286,7 @@ def sd_text_to_image(parts: SDPipelineParts, prompts: Prompts, *, negative_promp
     a ``DDIMScheduler``.
 
     Args:
-        parts: a loaded pipeline (``jdpt.weights.sd_pipelines.load_sd_pipeline``).
+        parts: a loaded pipeline (``jdpt.diffusion.sd_pipeline_parts.load_sd_pipeline``).
         prompts: one prompt or ``B`` prompts; ``negative_prompts`` (one string or ``B``) replace
             the empty unconditional prompt. Guidance is on when ``guidance_scale > 1``.
         key: PRNG key for the noise, or ``latents``: NHWC noise ``[B, H / f, W / f, C]``.
@@ -321,7 +321,7 @@ def sdxl_text_to_image(parts: SDXLPipelineParts, prompts: Prompts, *, prompts_2:
     with a ``DDIMScheduler``.
 
     Args:
-        parts: a loaded pipeline (``jdpt.weights.sd_pipelines.load_sdxl_pipeline``).
+        parts: a loaded pipeline (``jdpt.diffusion.sd_pipeline_parts.load_sdxl_pipeline``).
         prompts: one prompt or ``B`` prompts for CLIP-L; ``prompts_2`` for CLIP-G (default: the
             same). ``negative_prompts`` / ``negative_prompts_2`` likewise; without them the
             unconditional embeddings are zeros when ``parts.force_zeros_for_empty_prompt``.
@@ -367,7 +367,7 @@ def sd3_text_to_image(parts: SD3PipelineParts, prompts: Prompts, *, prompts_2: P
     """Sample images for text prompts, as diffusers' ``StableDiffusion3Pipeline(prompt, ...)``.
 
     Args:
-        parts: a loaded pipeline (``jdpt.weights.sd_pipelines.load_sd3_pipeline``).
+        parts: a loaded pipeline (``jdpt.diffusion.sd_pipeline_parts.load_sd3_pipeline``).
         prompts: one prompt or ``B`` prompts for CLIP-L; ``prompts_2`` for CLIP-G and
             ``prompts_3`` for T5 (default: the same); the negative prompts likewise (default: the
             empty prompt). Guidance is on when ``guidance_scale > 1``.

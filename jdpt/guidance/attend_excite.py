@@ -260,21 +260,6 @@ def unet_maps(unet: UNet2DConditionModel, context: Array, resolution: tuple[int,
     return maps
 
 
-def world_maps(model, context: Array, pooled: Array, layers: str | None = None) -> MapsFn:
-    """``(tokens, sigma) -> [B, N, L]`` image -> text maps of the Shapes-world Flux for the
-    conditional ``context [B, L, D]``, ``pooled [B, D]``."""
-    plans = cross_attention_plans(model.transformer, layers)
-    h, w = model.latent_size
-    graphdef, state = nnx.split(model)  # merged inside each call: sowing works under any transform
-
-    def maps(z, sigma):
-        call = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)
-        _, captured = call(z, jnp.full((z.shape[0],), sigma), context, pooled, plans=plans)
-        return aggregate_maps(captured, h * w // 4, layout="text_first")
-
-    return maps
-
-
 def _sample(step: Callable[[Array, Array, Array, Array], Array], maps: MapsFn, denoise: Denoise, z: Array,
             t: Array, t_next: Array, token_ids: Array, grid: tuple[int, int], text_mask, config) -> tuple[Array, Array]:
     step_size, excite, threshold = (jnp.asarray(a) for a in config.schedule(t.shape[0]))
@@ -318,7 +303,7 @@ def attend_excite_euler(maps: MapsFn, velocity: Denoise, z: Array, sigmas: Array
                         grid: tuple[int, int], *, text_mask: Array | None = None,
                         config: AttendExciteConfig = AttendExciteConfig()) -> tuple[Array, Array]:
     """Euler flow sampling (``euler_flow``) with Attend-and-Excite updates; arguments as
-    :func:`attend_excite_ddim` with ``sigmas [N + 1]`` (``maps`` e.g. :func:`world_maps`)."""
+    :func:`attend_excite_ddim` with ``sigmas [N + 1]`` (``maps`` e.g. :func:`jdpt.world.attend_excite.world_maps`)."""
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def step(v, x, sigma, sigma_next):

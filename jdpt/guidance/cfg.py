@@ -1,62 +1,23 @@
-"""Classifier-free guidance (Ho & Salimans 2022) and CFG-Zero* (Fan et al. 2025), and the
-:class:`Guidance` interface through which the pipelines let a guidance method drive each step.
-
-A guidance method is (1) the *branches* of the batched forward, a tuple over ``"uncond"``,
-``"cond"`` and ``"perturbed"`` (the pipeline stacks the latents once per branch, with the
-negative prompt for ``"uncond"`` and the prompt for the others), (2) attention *plans* for that
-batch (``None`` for CFG; PAG/SEG perturb only the ``"perturbed"`` rows, see
-:mod:`jdpt.guidance.perturbation`) and (3) a *combination rule* over the stacked predictions.
+"""Classifier-free guidance (Ho & Salimans 2022) and CFG-Zero* (Fan et al. 2025) as
+:class:`~jdpt.diffusion.branches.Guidance` methods the pipelines drive (branches, attention
+plans: ``None`` for CFG, and a combination rule; PAG/SEG perturb the ``"perturbed"`` rows, see
+:mod:`jdpt.guidance.perturbation`).
 
 All combinations compute in fp32 and return fp32.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jdpt.diffusion.branches import split_branches
 from jdpt.models.attention import LayerPlans
 
 Array = jax.Array
-
-BRANCHES = ("uncond", "cond", "perturbed")
-
-
-class Guidance(Protocol):
-    """What a pipeline needs from a guidance method (a pytree: pass it through ``jax.jit``).
-
-    Attributes:
-        branches: the chunks of the batched forward, in order, each one of ``BRANCHES``.
-    """
-
-    branches: tuple[str, ...]
-
-    def plans(self, model: nnx.Module, batch: int, latent_size: tuple[int, int]) -> LayerPlans | None:
-        """Attention plans for a forward over ``len(branches) * batch`` rows (branch-major) of
-        latents of spatial size ``latent_size`` (the denoiser's input ``[H, W]``)."""
-        ...
-
-    def combine(self, predictions: Array, *, step: Array, timestep: Array) -> Array:
-        """``[len(branches) * B, ...]`` predictions -> guided ``[B, ...]`` fp32 prediction.
-
-        ``step`` is the int32 index of the denoising step (0 first), ``timestep`` the model's
-        timestep in ``[0, 1000]`` (``sigma * 1000`` for flow models).
-        """
-        ...
-
-
-def split_branches(predictions: Array, branches: tuple[str, ...]) -> dict[str, Array]:
-    """``[n * B, ...]`` branch-major predictions -> ``{branch: [B, ...] fp32}``."""
-    n = len(branches)
-    if predictions.shape[0] % n:
-        raise ValueError(
-            f"predictions have {predictions.shape[0]} rows, not a multiple of the {n} branches {branches}"
-        )
-    chunks = jnp.split(predictions.astype(jnp.float32), n)
-    return dict(zip(branches, chunks))
 
 
 def rescale_guided(guided: Array, cond: Array, rescale: float | Array) -> Array:
@@ -172,6 +133,16 @@ class CFGZeroStar:
 
 _KERNEL_BRANCHES = {"cfg": (("uncond", "cond"),), "cfg_zero_star": (("uncond", "cond"),),
                     "pag": (("uncond", "cond", "perturbed"), ("cond", "perturbed"))}
+# The combine kernel lives in an optional module (it imports this one), imported on first use;
+# it registers its entry point with register_combine_kernel.
+COMBINE_PLUGIN = "jdpt.kernels.guidance"
+_COMBINE_KERNEL: list = []
+
+
+def register_combine_kernel(fn) -> None:
+    """Register ``guidance_combine(stacked [n, B, ...], rule, *, impl, out_dtype, **weights)``
+    (:func:`jdpt.kernels.guidance.guidance_combine`) as the entry point of :func:`kernel_combine`."""
+    _COMBINE_KERNEL[:] = [fn]
 
 
 def kernel_combine(predictions: Array, branches: tuple[str, ...], rule: str, impl: str, **weights) -> Array:
@@ -182,8 +153,8 @@ def kernel_combine(predictions: Array, branches: tuple[str, ...], rule: str, imp
 
     predictions: ``[len(branches) * B, ...]`` branch-major. Returns ``[B, ...]`` fp32.
     """
-    from jdpt.kernels.guidance import guidance_combine  # the kernel module imports this one
-
+    if not _COMBINE_KERNEL:
+        importlib.import_module(COMBINE_PLUGIN)
     if branches not in _KERNEL_BRANCHES[rule]:
         raise ValueError(f"the guidance kernel's rule {rule!r} takes branches {_KERNEL_BRANCHES[rule]}; got {branches}")
     n = len(branches)
@@ -192,26 +163,9 @@ def kernel_combine(predictions: Array, branches: tuple[str, ...], rule: str, imp
             f"predictions [{n} * B, ...] expected for the {n} branches {branches}; got shape {predictions.shape}"
         )
     stacked = predictions.reshape(n, predictions.shape[0] // n, *predictions.shape[1:])
-    return guidance_combine(stacked, rule, impl=impl, out_dtype=jnp.float32, **weights)
+    return _COMBINE_KERNEL[0](stacked, rule, impl=impl, out_dtype=jnp.float32, **weights)
 
 
 def _same_shape(a: Array, b: Array) -> None:
     if a.shape != b.shape:
         raise ValueError(f"guidance predictions must have the same shape; got {a.shape} and {b.shape}")
-
-
-def stack_branches(branches: tuple[str, ...], positive: Array, negative: Array | None) -> Array:
-    """The conditioning of a branch-major batch: ``negative`` for ``"uncond"``, ``positive`` for
-    ``"cond"`` and ``"perturbed"``; ``[len(branches) * B, ...]``."""
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown or not branches:
-        raise ValueError(f"guidance branches must be a non-empty tuple over {BRANCHES}; got {branches}")
-    if "uncond" in branches and negative is None:
-        raise ValueError(f"guidance with branches {branches} needs the negative (unconditional) prompt embeddings")
-    return jnp.concatenate([negative if b == "uncond" else positive for b in branches])
-
-
-def step_index(levels: Array, level: Array) -> Array:
-    """Index of the step at ``level`` in the decreasing ``levels`` ``[N]`` (timesteps or sigmas
-    of the steps, in order): the number of levels above it, int32."""
-    return jnp.sum(jnp.asarray(levels) > level).astype(jnp.int32)

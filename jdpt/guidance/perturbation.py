@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jdpt.guidance.cfg import kernel_combine, split_branches
+from jdpt.diffusion.branches import split_branches
+from jdpt.guidance.cfg import kernel_combine
 from jdpt.models.attention import AttentionPlan, LayerPlans, TokenGrid, attention_layer_names
 from jdpt.models.flux import FluxAttention, FluxTransformer
 from jdpt.models.sd3 import SD3Attention, SD3Transformer

@@ -1,5 +1,2 @@
-"""Flax NNX ports of diffusion models and their encoders, loadable from diffusers folders."""
-
-from jdpt.weights.diffusers import from_diffusers
-
-__all__ = ["from_diffusers"]
+"""Flax NNX ports of diffusion models and their encoders (``jdpt.weights.from_diffusers`` loads
+them from diffusers / transformers folders)."""

@@ -6,7 +6,9 @@ plans handed to the model, not forks of model code:
 
 - ``impl``: which implementation runs the call (``"xla"`` and ``"xla_dense"`` are always
   available, see :func:`jdpt.models.attention_xla.xla_attention`; accelerated kernels register
-  themselves under other names with :func:`register_implementation`).
+  themselves under other names with :func:`register_implementation`, and the modules named in
+  :data:`PLUGINS` are imported the first time a plan asks for their name: ``"pallas"`` loads
+  :mod:`jdpt.kernels.attention`, so ``import jdpt`` never imports a kernel).
 - ``head_weight`` (``u``): per-head perturbation weight. The output becomes
   ``(1 - u) * softmax(q k^T * scale) v + u * v`` (SoftPAG); ``u = 1`` on every head of a layer is
   PAG's identity attention, ``u = 0`` is plain attention.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -202,6 +205,9 @@ def resolve_plan(plans: LayerPlans | AttentionPlan | None, name: str) -> Attenti
 AttentionFn = Callable[..., tuple[Array, Array | None]]
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {}
 _NATIVE_JOINT: set[str] = set()  # implementations taking joint_text=(start, length) themselves
+# Implementations in optional modules: imported when a plan first names them (they register
+# themselves on import).
+PLUGINS: dict[str, str] = {"pallas": "jdpt.kernels.attention"}
 
 
 def register_implementation(name: str, fn: AttentionFn, *, joint_identity: bool = False) -> None:
@@ -221,7 +227,20 @@ def register_implementation(name: str, fn: AttentionFn, *, joint_identity: bool 
 
 
 def available_implementations() -> list[str]:
-    return sorted(_IMPLEMENTATIONS)
+    """The names a plan's ``impl`` may take (registered ones and :data:`PLUGINS`)."""
+    return sorted(set(_IMPLEMENTATIONS) | set(PLUGINS))
+
+
+def implementation(name: str) -> AttentionFn:
+    """The implementation registered as ``name``, importing its plugin module on first use."""
+    if name not in _IMPLEMENTATIONS and name in PLUGINS:
+        importlib.import_module(PLUGINS[name])
+    try:
+        return _IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention implementation {name!r}; available: {available_implementations()}"
+        ) from None
 
 
 register_implementation("xla", xla_attention)
@@ -431,18 +450,12 @@ def attention(
             "head_weight (SoftPAG/PAG perturbation) needs self-attention (T == S); this call has "
             f"T={q.shape[1]} queries and S={k.shape[1]} keys. Perturb self-attention layers only."
         )
+    fn = implementation(plan.impl)
     native_joint = plan.joint_identity and plan.impl in _NATIVE_JOINT
     if plan.query_blur is not None or (plan.joint_identity and not native_joint):
         q, mask = _perturb_inputs(q, k, mask, plan.replace(joint_identity=False) if native_joint else plan)
     if plan.shared_reference is not None:
         q, k, v, bias, mask = _share_reference(q, k, v, bias, mask, plan, is_causal)
-    try:
-        fn = _IMPLEMENTATIONS[plan.impl]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention implementation {plan.impl!r}; available: "
-            f"{available_implementations()}"
-        ) from None
     head_weight, extra = plan.head_weight, {}
     if native_joint:
         head_weight, extra["joint_text"] = _joint_rows(q, k, plan)

@@ -24,9 +24,9 @@ from flax import nnx, struct
 
 from jdpt.models.attention import AttentionPlan, LayerPlans, attention, resolve_plan, sow_probs
 from jdpt.models.config import ModelConfig
+from jdpt.models.keys import torch_key_map
 from jdpt.models.layers import activation, dense, embed, layer_norm
 from jdpt.models.tokens import check_tokens
-from jdpt.weights.diffusers import torch_key_map
 
 Array = jax.Array
 Plans = LayerPlans | AttentionPlan | None

@@ -7,29 +7,22 @@ path (``transformer_blocks.0.attn.to_q``) ends with a match of the pattern in a
 ``nnx.LoRAParam``: ``nnx.split(model, nnx.LoRAParam, ...)`` trains them alone, and the base
 weights are shared, not copied.
 
-Adapters save and load in the PEFT/diffusers safetensors format
-(``{prefix}.{module}.lora_A.weight [rank, in]``, ``lora_B.weight [out, rank]``, the LoRA config
-in the ``lora_adapter_metadata`` header), so ``FluxPipeline.load_lora_weights`` reads a LoRA
-trained here and :func:`load_lora` reads one trained with diffusers/PEFT.
+Adapters save and load in the PEFT/diffusers safetensors format with
+:func:`jdpt.weights.lora.save_lora` / :func:`jdpt.weights.lora.load_lora`.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
-from jdpt.weights.files import WeightsError, write_tensors
-
-METADATA_KEY = "lora_adapter_metadata"  # the safetensors header key diffusers reads
+from jdpt.models.keys import torch_key_map
 
 
 class LoRALinear(nnx.Module):
@@ -74,8 +67,6 @@ class LoRALinear(nnx.Module):
 def _linear_paths(model: nnx.Module) -> dict[str, tuple]:
     """Reference module path (``transformer_blocks.0.attn.to_q``) -> graph path of each linear
     layer (of the :class:`LoRALinear` when wrapped)."""
-    from jdpt.weights.diffusers import torch_key_map
-
     out = {}
     for key, slot in torch_key_map(model).items():
         if slot.layout == "linear":
@@ -189,90 +180,31 @@ def lora_config(model: nnx.Module) -> dict:
     }
 
 
-def save_lora(model: nnx.Module, path: str | Path, *, prefix: str = "transformer") -> Path:
-    """Write the adapters as one PEFT/diffusers safetensors file.
+def linear_layers(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Reference module path -> every linear layer of ``model`` (its :class:`LoRALinear` where
+    it has an adapter)."""
+    return {name: _get(model, path) for name, path in _linear_paths(model).items()}
 
-    ``prefix`` is the pipeline component (``"transformer"``, ``"unet"``, ``"text_encoder"``);
-    a folder ``path`` gets diffusers' file name ``pytorch_lora_weights.safetensors``.
+
+def attach_lora(model: nnx.Module, name: str, a: jax.Array, b: jax.Array, alpha: float) -> None:
+    """Give the linear layer at reference path ``name`` an adapter with weights ``a [in, rank]``
+    and ``b [rank, out]`` (in place; the loader of saved adapters).
+
+    Raises:
+        ValueError: no such layer, it already has an adapter, or the shapes do not fit it.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / "pytorch_lora_weights.safetensors"
-    tensors = {}
-    for name, layer in lora_layers(model).items():
-        if layer.merged:
-            raise ValueError(f"{name}: the adapter is merged; call unmerge_lora before save_lora")
-        tensors[f"{prefix}.{name}.lora_A.weight"] = np.asarray(jax.device_get(layer.lora_a.get_value())).T
-        tensors[f"{prefix}.{name}.lora_B.weight"] = np.asarray(jax.device_get(layer.lora_b.get_value())).T
-    meta = {f"{prefix}.{k}": v for k, v in lora_config(model).items()}
-    write_tensors(tensors, path.parent, path.stem, max_shard_bytes=2**62,
-                  metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    return path
-
-
-def load_lora(model: nnx.Module, path: str | Path, *, prefix: str = "transformer") -> list[str]:
-    """Add the adapters stored at ``path`` (PEFT/diffusers safetensors) to ``model`` in place.
-
-    Keys ``{prefix}.{module}.lora_A.weight`` / ``lora_B.weight`` are read; alpha comes from the
-    ``lora_adapter_metadata`` header when present, else alpha = rank (the diffusers convention).
-    Returns the module paths that got adapters.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise WeightsError(f"no LoRA file at {str(path)!r}")
-    with safe_open(path, framework="numpy") as f:
-        header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else {}
-    meta = {k.removeprefix(f"{prefix}."): v for k, v in meta.items() if k.startswith(f"{prefix}.")}
-
-    pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    other = []
-    for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(prefix)}\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if m:
-            pairs[m.group(1)][m.group(2)] = value
-        elif key.startswith(f"{prefix}."):
-            other.append(key)
-    if other:
-        raise WeightsError(f"{path}: keys that are not LoRA A/B weights: {sorted(other)[:10]}")
-    if not pairs:
-        raise WeightsError(f"{path}: no '{prefix}.*.lora_A.weight' keys (is prefix={prefix!r} right?)")
-
     paths = _linear_paths(model)
-    unknown = sorted(n for n in pairs if n not in paths)
-    incomplete = sorted(n for n, ab in pairs.items() if set(ab) != {"A", "B"})
-    if unknown or incomplete:
-        raise WeightsError(
-            f"{path} does not fit {type(model).__name__}: modules not in the model {unknown}, "
-            f"modules without both lora_A and lora_B {incomplete}"
-        )
-    for name in sorted(pairs):
-        a, b = pairs[name]["A"], pairs[name]["B"]
-        rank = a.shape[0]
-        alpha = _pattern_value(meta.get("alpha_pattern", {}), name, meta.get("lora_alpha", rank))
-        base = _get(model, paths[name])
-        if isinstance(base, LoRALinear):
-            raise WeightsError(
-                f"{name} already has a LoRA adapter: load_lora adds the adapters itself, so load "
-                "into a model that has none at these layers (e.g. a fresh from_diffusers copy)"
-            )
-        n_in, n_out = base.kernel.shape
-        if a.shape != (rank, n_in) or b.shape != (n_out, rank):
-            raise WeightsError(
-                f"{path}: {name} lora_A {a.shape} / lora_B {b.shape} do not fit a [{n_in} -> {n_out}] layer"
-            )
-        layer = LoRALinear(base, rank, alpha, rngs=nnx.Rngs(0))
-        layer.lora_a.set_value(jnp.asarray(a.T, base.kernel.dtype))
-        layer.lora_b.set_value(jnp.asarray(b.T, base.kernel.dtype))
-        _set(model, paths[name], layer)
-    return sorted(pairs)
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
+    if name not in paths:
+        raise ValueError(f"{type(model).__name__} has no linear layer {name!r}")
+    base = _get(model, paths[name])
+    if isinstance(base, LoRALinear):
+        raise ValueError(f"{name} already has a LoRA adapter")
+    n_in, n_out = base.kernel.shape
+    rank = a.shape[-1]
+    if a.shape != (n_in, rank) or b.shape != (rank, n_out):
+        raise ValueError(f"{name}: adapter A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a "
+                         f"[{n_in} -> {n_out}] layer")
+    layer = LoRALinear(base, rank, alpha, rngs=nnx.Rngs(0))
+    layer.lora_a.set_value(jnp.asarray(a, base.kernel.dtype))
+    layer.lora_b.set_value(jnp.asarray(b, base.kernel.dtype))
+    _set(model, paths[name], layer)

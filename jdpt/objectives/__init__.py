@@ -12,7 +12,7 @@ LoRA base or a frozen copy (:func:`~jdpt.objectives.denoiser.reference_model`).
 
 from jdpt.objectives.advantages import PerPromptStatTracker, group_advantages, sharded_group_advantages
 from jdpt.objectives.ddpo import DDPO, DPOK, clipped_surrogate
-from jdpt.objectives.denoiser import Denoiser, reference_model, world_latents, world_velocity
+from jdpt.objectives.denoiser import Denoiser, reference_model
 from jdpt.objectives.dpo import DPO, dpo_loss
 from jdpt.objectives.grpo import FlowGRPO, ema_update
 from jdpt.objectives.mapo import MaPO, mapo_loss
@@ -25,5 +25,5 @@ __all__ = [
     "DDPO", "DPO", "DPOK", "NFT", "SFT", "AlignProp", "DRaFT", "Denoiser", "FlowGRPO", "ForwardProcess",
     "MaPO", "PerPromptStatTracker", "ReFL", "ValueNet", "ValueRegression", "clipped_surrogate", "dpo_loss",
     "ema_update", "group_advantages", "mapo_loss", "nft_loss", "reference_model", "sharded_group_advantages",
-    "update_old", "value_advantages", "value_batch", "value_loss", "world_latents", "world_velocity",
+    "update_old", "value_advantages", "value_batch", "value_loss",
 ]

@@ -32,7 +32,7 @@ from flax import nnx
 from jdpt.diffusion.samplers import ddim_sample, ddim_step_logprob
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
 from jdpt.guidance.cfg import cfg
-from jdpt.objectives.denoiser import Denoiser, reference_model
+from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
 from jdpt.parallel.step import Frozen
 
 Array = jax.Array
@@ -250,6 +250,7 @@ class DDPO:
     timestep_fraction: float = 1.0
 
     def __post_init__(self):
+        check_prediction(self.denoise, self.schedule.prediction_type, "DDPO")
         if self.estimator not in ("is", "sf"):
             raise ValueError(f"estimator={self.estimator!r}: use 'is' (clipped importance sampling) or 'sf' (score function)")
         if self.eta <= 0:
@@ -321,6 +322,7 @@ class DPOK:
     baseline: str = "value"
 
     def __post_init__(self):
+        check_prediction(self.denoise, self.schedule.prediction_type, "DPOK")
         if self.eta <= 0:
             raise ValueError(f"eta={self.eta}: DPOK's transitions need noise (eta > 0)")
         if self.baseline not in ("value", "batch"):

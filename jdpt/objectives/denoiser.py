@@ -17,23 +17,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdpt.parallel.step import Frozen
-from jdpt.world.model import WorldModel
 
 Array = jax.Array
 Denoiser = Callable[[nnx.Module, Array, Array, Any], Array]
 
 
-def world_velocity(model: WorldModel, x_t: Array, t: Array, cond: dict) -> Array:
-    """The Shapes-world model's velocity ``[B, N, C]`` for packed tokens ``x_t`` at ``sigma = t``
-    ``[B]``; ``cond["input_ids"]`` ``[B, L]`` are the prompts' token ids."""
-    context, pooled = model.encode_prompts(cond["input_ids"])
-    return model(x_t, t, context, pooled)
-
-
-def world_latents(model: WorldModel, images: Array) -> Array:
-    """uint8 scenes ``[B, H, W, 3]`` -> the clean packed latents ``x0`` ``[B, N, C]`` the world
-    model denoises (the same map as pretraining: :meth:`WorldModel.latents`)."""
-    return model.latents(images)
+def check_prediction(denoise: Denoiser, prediction: str, objective: str) -> None:
+    """Raise a ValueError when ``denoise`` is an adapter declaring (``.prediction``) another output
+    than the ``prediction`` ``objective`` trains (e.g. an eps-prediction UNet under a flow loss)."""
+    declared = getattr(denoise, "prediction", None)
+    if declared is not None and declared != prediction:
+        raise ValueError(
+            f"{objective} treats the model's output as {prediction!r} but {type(denoise).__name__} predicts "
+            f"{declared!r}: give the objective the model's convention (process=ForwardProcess.ddpm(schedule) "
+            "or schedule= with that prediction_type for DDPM models; the flow settings for velocity models)")
 
 
 def is_lora(params: nnx.State) -> bool:

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jdpt.objectives.denoiser import Denoiser, reference_model, world_velocity
+from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
 from jdpt.objectives.sft import ForwardProcess, check_cond, denoising_errors
 from jdpt.parallel.step import Frozen
 
@@ -70,8 +70,8 @@ class DPO:
     """Diffusion-DPO hyper-parameters (Wallace et al. 2024) and the model adapter.
 
     Attributes:
+        denoise: the model's adapter (:data:`jdpt.objectives.denoiser.Denoiser`).
         beta: KL strength ``beta`` of the paper's code (5000; diffusers' ``beta_dpo`` is half).
-        denoise: the model call (:data:`jdpt.objectives.denoiser.Denoiser`).
         process: the model's training convention; the paper trains SD1.5/SDXL eps-models with
             ``ForwardProcess.ddpm(DDPMSchedule.stable_diffusion())`` and ``t ~ U{0..999}``.
             The default is a flow model with uniform sigmas.
@@ -84,9 +84,12 @@ class DPO:
     ``dpo_logits``), ``mse_w`` / ``mse_l`` (policy) and ``ref_mse_w`` / ``ref_mse_l``.
     """
 
+    denoise: Denoiser
     beta: float = 5000.0
-    denoise: Denoiser = dataclasses.field(default=world_velocity)
     process: ForwardProcess = ForwardProcess()
+
+    def __post_init__(self):
+        check_prediction(self.denoise, self.process.prediction, "DPO")
 
     def loss(self, params, frozen: Frozen, batch: dict, key: Array) -> tuple[Array, dict[str, Array]]:
         err_w, err_l = pair_errors(self.denoise, self.process, frozen.model(params), frozen, batch, key)

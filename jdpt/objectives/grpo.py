@@ -37,7 +37,7 @@ from jdpt.diffusion.samplers import (cps_log_prob, flow_cps_sample, flow_cps_ste
 from jdpt.diffusion.schedules import flow_sigmas
 from jdpt.objectives.ddpo import (check_transitions, clipped_surrogate, guided_prediction,
                                   scan_transitions)
-from jdpt.objectives.denoiser import Denoiser, reference_model
+from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
 from jdpt.parallel.step import Frozen
 
 Array = jax.Array
@@ -106,6 +106,7 @@ class FlowGRPO:
     sde: str = "flow"
 
     def __post_init__(self):
+        check_prediction(self.denoise, "velocity", "FlowGRPO")
         if self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps} must be >= 1")
         if not 0 < self.timestep_fraction <= 1:

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jdpt.objectives.denoiser import Denoiser, world_velocity
+from jdpt.objectives.denoiser import Denoiser, check_prediction
 from jdpt.objectives.dpo import pair_errors
 from jdpt.objectives.sft import ForwardProcess
 from jdpt.parallel.step import Frozen
@@ -60,10 +60,10 @@ class MaPO:
     """MaPO hyper-parameters (mapo-t2i/mapo defaults) and the model adapter.
 
     Attributes:
+        denoise: the model's adapter (:data:`jdpt.objectives.denoiser.Denoiser`).
         beta: weight of the margin term (0.1).
         lam: scale ``lambda`` of the errors inside ``f`` (0.5).
         temperature: ``T`` multiplying the log-odds (1000).
-        denoise: the model call (:data:`jdpt.objectives.denoiser.Denoiser`).
         process: the model's training convention (eps / v targets for DDPM models via
             ``ForwardProcess.ddpm``; default: a flow model with uniform sigmas).
 
@@ -72,11 +72,14 @@ class MaPO:
     ``logodds > 0``, i.e. ``err_w < err_l``), ``margin_loss`` (``-mean log sigmoid(T logodds)``).
     """
 
+    denoise: Denoiser
     beta: float = 0.1
     lam: float = 0.5
     temperature: float = 1000.0
-    denoise: Denoiser = dataclasses.field(default=world_velocity)
     process: ForwardProcess = ForwardProcess()
+
+    def __post_init__(self):
+        check_prediction(self.denoise, self.process.prediction, "MaPO")
 
     def loss(self, params, frozen: Frozen, batch: dict, key: Array) -> tuple[Array, dict[str, Array]]:
         err_w, err_l = pair_errors(self.denoise, self.process, frozen.model(params), frozen, batch, key)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpt.objectives.denoiser import Denoiser, reference_model, world_velocity
+from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
 from jdpt.objectives.sft import check_cond, per_sample_mse
 from jdpt.parallel.step import Frozen
 
@@ -110,6 +110,7 @@ class NFT:
     """DiffusionNFT hyper-parameters (NVlabs/DiffusionNFT ``config/nft.py``) and the model adapter.
 
     Attributes:
+        denoise: the model's velocity adapter (flow models: ``x_t = (1 - t) x0 + t eps``).
         beta: implicit-policy strength ``config.beta`` (1.0; 0.1 for OCR / multi-reward).
         kl_beta: weight of ``mean((v_theta - v_ref)^2)``, ``train.beta`` (1e-4); 0 skips the
             reference forward.
@@ -117,7 +118,6 @@ class NFT:
         floor: lower bound of the adaptive x0 weight (1e-5).
         timesteps: sigmas to draw ``t`` from uniformly (the code trains on its sampler's grid);
             ``None``: ``t ~ U(0, 1)``.
-        denoise: a velocity model call (flow models: ``x_t = (1 - t) x0 + t eps``).
 
     Frozen pieces (``init_state(model, extra=...)``): ``extra["old"]``, the old (sampling)
     policy, an ``nnx.State`` shaped like the trainable params (a copy of them at the start);
@@ -137,14 +137,15 @@ class NFT:
     Metrics: those of :func:`nft_loss`, ``nonfinite_advantages`` and ``t`` (mean).
     """
 
+    denoise: Denoiser
     beta: float = 1.0
     kl_beta: float = 1e-4
     adv_clip: float = 5.0
     floor: float = 1e-5
     timesteps: tuple[float, ...] | None = None
-    denoise: Denoiser = dataclasses.field(default=world_velocity)
 
     def __post_init__(self):
+        check_prediction(self.denoise, "velocity", "NFT")
         if self.beta <= 0 or self.adv_clip <= 0 or self.kl_beta < 0:
             raise ValueError(f"NFT needs beta > 0, adv_clip > 0, kl_beta >= 0; got beta={self.beta}, "
                              f"adv_clip={self.adv_clip}, kl_beta={self.kl_beta}")

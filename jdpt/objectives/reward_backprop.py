@@ -40,7 +40,7 @@ from flax import nnx
 from jdpt.diffusion.samplers import ddim_step
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at, flow_sigmas, inference_timesteps, prediction_to_x0_eps
 from jdpt.objectives.ddpo import guided_prediction
-from jdpt.objectives.denoiser import Denoiser
+from jdpt.objectives.denoiser import Denoiser, check_prediction
 from jdpt.parallel.step import Frozen
 
 Array = jax.Array
@@ -126,6 +126,8 @@ class _RewardBackprop:
     shift: float = 1.0
 
     def __post_init__(self):
+        prediction = "velocity" if self.schedule is None else self.schedule.prediction_type
+        check_prediction(self.denoise, prediction, type(self).__name__)
         if self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps} must be >= 1")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
-from jdpt.objectives.denoiser import Denoiser, world_velocity
+from jdpt.objectives.denoiser import Denoiser, check_prediction
 from jdpt.parallel.step import Frozen
 
 Array = jax.Array
@@ -141,14 +141,21 @@ def check_cond(cond: Any, batch: int, what: str) -> None:
 class SFT:
     """Denoising regression on clean data: ``L = mean mse(model(x_t, t, c), target)``.
 
-    Defaults: a flow model with SD3's logit-normal(0, 1) sigmas (Esser et al. 2024).
+    Attributes:
+        denoise: the model's adapter (:data:`jdpt.objectives.denoiser.Denoiser`).
+        process: the model's training convention. Default: a flow model with SD3's
+            logit-normal(0, 1) sigmas (Esser et al. 2024); DDPM models pass
+            ``ForwardProcess.ddpm(schedule)``.
 
     Batch: ``{"x0": [B, ...] clean latents, "cond": pytree of [B, ...] model conditions}``.
     Metrics: ``mse`` (the loss) and ``t`` (mean timestep drawn).
     """
 
-    denoise: Denoiser = dataclasses.field(default=world_velocity)
+    denoise: Denoiser
     process: ForwardProcess = ForwardProcess(timesteps="logit_normal")
+
+    def __post_init__(self):
+        check_prediction(self.denoise, self.process.prediction, "SFT")
 
     def loss(self, params, frozen: Frozen, batch: dict, key: Array) -> tuple[Array, dict[str, Array]]:
         x0, cond = batch["x0"], batch["cond"]

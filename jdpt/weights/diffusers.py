@@ -1,20 +1,8 @@
 """Diffusers/transformers state dicts <-> jdpt NNX modules.
 
-jdpt modules mirror the reference module tree: an attribute ``to_q`` holding an ``nnx.Linear``
-inside ``transformer_blocks[3].attn`` is the PyTorch key ``transformer_blocks.3.attn.to_q.weight``.
-The key of every parameter is therefore *derived* from the module tree, not listed by hand:
-
-- ``nnx.Linear``: ``kernel [in, out]`` <-> ``weight [out, in]``; ``bias`` <-> ``bias``.
-- ``nnx.Conv``: ``kernel [kh, kw, in, out]`` <-> ``weight [out, in, kh, kw]``.
-- ``nnx.Embed``: ``embedding`` <-> ``weight``.
-- ``nnx.LayerNorm`` / ``nnx.GroupNorm`` / ``nnx.RMSNorm``: ``scale`` <-> ``weight``.
-- any other ``nnx.Param``: same name, same layout.
-
-A module whose attribute names differ from the reference declares ``torch_names`` (attribute ->
-dotted reference path, ``""`` to splice the child's keys into its own). A root module may declare
-``torch_aliases`` (file key -> canonical key, for tied weights saved under another name) and
-``torch_ignored`` (regexes of file keys that hold no parameter, e.g. buffers). ``nnx.LoRAParam``
-adapters are not part of a base model's state dict (see ``jdpt.models.lora``).
+Every reference key of a module is derived from its module tree (:mod:`jdpt.models.keys`). A root
+module may also declare ``torch_aliases`` (file key -> canonical key, for tied weights saved under
+another name) and ``torch_ignored`` (regexes of file keys that hold no parameter, e.g. buffers).
 """
 
 from __future__ import annotations
@@ -23,7 +11,6 @@ import importlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdpt.models.keys import to_ours, to_torch, torch_key_map
 from jdpt.weights.files import STEMS, TensorFiles, WeightsError, read_config, resolve_folder, write_tensors
 
 # Reference class name -> "module:Class" of the jdpt model (imported lazily).
@@ -46,70 +34,6 @@ MODEL_CLASSES: dict[str, str] = {
     "ControlNetModel": "jdpt.models.controlnet:ControlNetModel",
     "FluxControlNetModel": "jdpt.models.flux_controlnet:FluxControlNetModel",
 }
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one reference tensor lives in the NNX state, and how its layout differs."""
-
-    path: tuple  # path into nnx.state(model)
-    layout: str  # "linear" | "conv" | "same"
-
-
-def _to_ours(arr: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return arr.T
-    if layout == "conv":
-        return arr.transpose(2, 3, 1, 0)
-    return arr
-
-
-def _to_torch(arr: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return arr.T
-    if layout == "conv":
-        return arr.transpose(3, 2, 0, 1)
-    return arr
-
-
-_LEAF_RULES: tuple[tuple[type, dict[str, tuple[str, str]]], ...] = (
-    (nnx.Linear, {"kernel": ("weight", "linear"), "bias": ("bias", "same")}),
-    (nnx.Conv, {"kernel": ("weight", "conv"), "bias": ("bias", "same")}),
-    (nnx.Embed, {"embedding": ("weight", "same")}),
-    (nnx.LayerNorm, {"scale": ("weight", "same"), "bias": ("bias", "same")}),
-    (nnx.GroupNorm, {"scale": ("weight", "same"), "bias": ("bias", "same")}),
-    (nnx.RMSNorm, {"scale": ("weight", "same")}),
-)
-
-
-def torch_key_map(model: nnx.Module) -> dict[str, Slot]:
-    """Every reference state-dict key of ``model`` (LoRA adapters excluded) -> its :class:`Slot`."""
-    nodes = dict(nnx.iter_graph(model))
-    out: dict[str, Slot] = {}
-    for path, node in nodes.items():
-        if not isinstance(node, nnx.Param) or isinstance(node, nnx.LoRAParam):
-            continue
-        parent = nodes[path[:-1]]
-        leaf = path[-1]
-        name, layout = leaf, "same"
-        for cls, rules in _LEAF_RULES:
-            if isinstance(parent, cls):
-                if leaf not in rules:
-                    raise TypeError(f"no reference name for {cls.__name__}.{leaf} at {path}")
-                name, layout = rules[leaf]
-                break
-        else:
-            name = getattr(parent, "torch_names", {}).get(leaf, leaf)
-        parts = []
-        for i, key in enumerate(path[:-1]):
-            owner = nodes[path[:i]]
-            parts.append(getattr(owner, "torch_names", {}).get(key, str(key)))
-        parts.append(name)
-        key = ".".join(p for p in parts if p != "")
-        if key in out:
-            raise TypeError(f"two parameters map to the reference key {key!r}: {out[key].path}, {path}")
-        out[key] = Slot(path, layout)
-    return out
 
 
 def model_class(reference_class: str) -> type:
@@ -174,11 +98,11 @@ def load_state_dict(
         if key not in present:
             continue
         arr = tensors[present[key]]
-        arr = _to_ours(np.asarray(arr), slot.layout)
+        arr = to_ours(np.asarray(arr), slot.layout)
         want = flat[slot.path].get_value().shape
         if arr.shape != tuple(want):
-            bad_shape.append(f"{key}: file {tuple(_to_torch(arr, slot.layout).shape)}, model "
-                             f"{tuple(_to_torch(np.empty(want, np.int8), slot.layout).shape)}")
+            bad_shape.append(f"{key}: file {tuple(to_torch(arr, slot.layout).shape)}, model "
+                             f"{tuple(to_torch(np.empty(want, np.int8), slot.layout).shape)}")
             continue
         values[slot.path] = arr
     if missing or unexpected or bad_shape:
@@ -240,11 +164,11 @@ def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     if has_unmerged_lora(model):
         raise WeightsError(
             "the model has unmerged LoRA adapters; call jdpt.models.lora.merge_lora(model) to "
-            "export merged weights, or save the adapters alone with jdpt.models.lora.save_lora"
+            "export merged weights, or save the adapters alone with jdpt.weights.lora.save_lora"
         )
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     return {
-        key: _to_torch(np.asarray(jax.device_get(state[slot.path].get_value())), slot.layout)
+        key: to_torch(np.asarray(jax.device_get(state[slot.path].get_value())), slot.layout)
         for key, slot in torch_key_map(model).items()
     }
 

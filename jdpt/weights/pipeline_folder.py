@@ -2,8 +2,8 @@
 
 A pipeline folder (what ``pipe.save_pretrained`` writes, or a hub snapshot) holds a
 ``model_index.json`` naming the pipeline class and, per component, ``[library, class]`` and a
-subfolder of the same name. The loaders of :mod:`jdpt.weights.pipelines` (Flux) and
-:mod:`jdpt.weights.sd_pipelines` (SD, SDXL, SD3) open folders through :func:`open_pipeline`.
+subfolder of the same name. The loaders of :mod:`jdpt.diffusion.pipeline_parts` (Flux) and
+:mod:`jdpt.diffusion.sd_pipeline_parts` (SD, SDXL, SD3) open folders through :func:`open_pipeline`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jdpt.data.shapes import Prompt
 from jdpt.models.lora import add_lora
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.world.alignment_runs import (
@@ -47,6 +46,7 @@ from jdpt.world.alignment_runs import (
 )
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import WorldModel
+from jdpt.world.scenes import Prompt
 
 LABELS = {"sft": "SFT on winners", "dpo": "Diffusion-DPO", "mapo": "MaPO", "ddpo": "DDPO",
           "reward_backprop": "Reward backprop (AlignProp)", "flow_grpo": "Flow-GRPO", "nft": "DiffusionNFT"}
@@ -120,7 +120,7 @@ class PostTrainResult:
         probe_curve: ``step``, ``seconds``, ``probe`` (GenEval-lite overall on the probe set) at
             step 0 and ``settings.probes`` points along the run; None without a probe set.
         after, after_scores, after_clutter: GenEval-lite summary, ``[B]`` 0/1 scores and
-            :meth:`jdpt.rewards.verifier.Verdict.clutter` on the evaluation set after training;
+            :meth:`jdpt.world.verifier.Verdict.clutter` on the evaluation set after training;
             None without one.
     """
 

@@ -24,7 +24,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jdpt.data.preference import PreferencePairs, preference_pairs
-from jdpt.data.shapes import Prompt, ShapesConfig, sample_prompts
 from jdpt.diffusion.pipeline import to_uint8
 from jdpt.diffusion.samplers import euler_flow
 from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas
@@ -32,12 +31,13 @@ from jdpt.models.flux import unpack_latents
 from jdpt.objectives import DDPO, DPO, NFT, SFT, AlignProp, FlowGRPO, MaPO, PerPromptStatTracker
 from jdpt.objectives.advantages import group_advantages
 from jdpt.objectives.ddpo import flow_as_epsilon
-from jdpt.objectives.denoiser import world_velocity
 from jdpt.objectives.nft import update_old
 from jdpt.parallel.step import Frozen
-from jdpt.rewards.verifier import Verdict, verify
+from jdpt.world.adapter import world_velocity
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
+from jdpt.world.scenes import Prompt, ShapesConfig, sample_prompts
+from jdpt.world.verifier import Verdict, verify
 
 METHODS = ("sft", "dpo", "mapo", "ddpo", "reward_backprop", "flow_grpo", "nft")
 OFFLINE = ("sft", "dpo", "mapo")
@@ -240,8 +240,8 @@ def offline_run(method: str, data: OfflineData, settings: AlignSettings) -> Run:
         return {"x0": data.latents[p, w], "cond": {"input_ids": data.ids[p]}}, None
 
     if method == "sft":
-        return Run(SFT(), winner_batch)
-    return Run(DPO() if method == "dpo" else MaPO(), pair_batch)
+        return Run(SFT(world_velocity), winner_batch)
+    return Run(DPO(world_velocity) if method == "dpo" else MaPO(world_velocity), pair_batch)
 
 
 class Prompts:
@@ -302,7 +302,7 @@ def online_run(method: str, model: WorldModel, settings: AlignSettings, areas: d
     if method == "nft":
         sigmas = flow_sigmas(settings.rollout_steps, shift=model.config.shift)
         num_train = max(1, int(settings.rollout_steps * 0.99))  # the reference trains 9 of 10 steps
-        objective = NFT(timesteps=tuple(float(s) for s in sigmas[:num_train]))
+        objective = NFT(world_velocity, timesteps=tuple(float(s) for s in sigmas[:num_train]))
 
         def nft_batch(state, i):
             prompts, ids, noise = source.draw()

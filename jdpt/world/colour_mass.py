@@ -1,6 +1,6 @@
 """A differentiable stand-in for GenEval-lite's colour and count checks on the Shapes world.
 
-The analytic verifier (``jdpt.rewards.verifier``) thresholds, segments and counts: it has no
+The analytic verifier (``jdpt.world.verifier``) thresholds, segments and counts: it has no
 gradient. Reward backprop (AlignProp, DRaFT) needs one, so this module softens the verifier's two
 pixel-level decisions (foreground or not; which palette colour) and compares the resulting soft
 pixel mass of each named colour, and of the whole foreground, with what the prompt's objects need.
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdpt.data.shapes import PALETTE, Prompt, ShapesConfig, render
+from jdpt.world.scenes import PALETTE, Prompt, ShapesConfig, render
 
 
 def object_areas(config: ShapesConfig, n: int = 64, seed: int = 0) -> dict[str, float]:

@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpt.data.shapes import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, ShapesConfig, tokenize, vocabulary
 from jdpt.diffusion.pipeline import flux_generate
 from jdpt.diffusion.schedules import FLOW_PREDICTIONS, flow_sigmas, flow_velocity
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
 from jdpt.models.flux import FluxConfig, FluxTransformer, image_ids, pack_latents
 from jdpt.models.pixels import PixelCodec
-
+from jdpt.world.scenes import BOS_ID, EOS_ID, PAD_ID, PROMPT_TOKENS, ShapesConfig, tokenize, vocabulary
 
 # Sampling defaults of the Shapes world. No guidance by default: measured on the default base
 # model (experiments/results/pretrain_shapes_default.md), CFG 1.5 and 4 raise GenEval-lite from

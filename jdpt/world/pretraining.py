@@ -19,9 +19,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jdpt.data.shapes import CATEGORIES, Prompt, as_rng, sample_pairs, sample_prompts
-from jdpt.rewards.verifier import Verdict, verify
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel, empty_prompt, make_sampler
+from jdpt.world.scenes import CATEGORIES, Prompt, as_rng, sample_pairs, sample_prompts
+from jdpt.world.verifier import Verdict, verify
 
 
 @dataclasses.dataclass(frozen=True)

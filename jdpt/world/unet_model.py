@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpt.data.shapes import PROMPT_TOKENS, ShapesConfig, tokenize
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
 from jdpt.diffusion.sd_pipeline import sd_generate
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
 from jdpt.models.pixels import PixelCodec
 from jdpt.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jdpt.world.model import config_fields, empty_prompt, text_tower_config
+from jdpt.world.scenes import PROMPT_TOKENS, ShapesConfig, tokenize
 
 
 @dataclasses.dataclass(frozen=True)

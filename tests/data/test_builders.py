@@ -15,18 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jdpt.data import preference_pairs, render, sample_pairs, sample_prompts
-from jdpt.data.builders import (
-    ControlPairs,
-    PickAPicPreferences,
-    PromptList,
-    PromptListConfig,
-    ShapesPairs,
-    ShapesPairsConfig,
-    ShapesPreferences,
-    ShapesPreferencesConfig,
-)
-from jdpt.rewards import verify
+from jdpt.data import preference_pairs
+from jdpt.data.builders import ControlPairs, PickAPicPreferences, PromptList, PromptListConfig
+from jdpt.world.builders import ShapesPairs, ShapesPairsConfig, ShapesPreferences, ShapesPreferencesConfig
+from jdpt.world.scenes import render, sample_pairs, sample_prompts
+from jdpt.world.verifier import verify
 
 
 def _prepare(builder_cls, tmp_path, manual_dir=None, config=None):

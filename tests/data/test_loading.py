@@ -12,10 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jdpt.data import sample_pairs
-from jdpt.data.builders import ShapesPairs, ShapesPairsConfig
 from jdpt.data.loading import decode_record, make_loader
-
+from jdpt.world.builders import ShapesPairs, ShapesPairsConfig
+from jdpt.world.scenes import sample_pairs
 
 # Few reader threads: the default 16 fight over 2 busy CI cores. Prefetching stays on.
 READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)

@@ -19,9 +19,9 @@ from jdpt.guidance.attend_excite import (
     attend_excite_loss,
     excite_step,
     unet_maps,
-    world_maps,
 )
 from jdpt.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from jdpt.world.attend_excite import world_maps
 from tests.objectives.fixtures_offline import tiny_world
 
 

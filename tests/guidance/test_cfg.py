@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdpt.diffusion.branches import split_branches, stack_branches, step_index
 from jdpt.diffusion.samplers import euler_flow
-from jdpt.guidance.cfg import (CFG, CFGZeroStar, cfg, cfg_zero_star, cfg_zero_star_scale, split_branches,
-                               stack_branches, step_index)
+from jdpt.guidance.cfg import CFG, CFGZeroStar, cfg, cfg_zero_star, cfg_zero_star_scale
 
 RNG = np.random.default_rng(0)
 SHAPE = (3, 4, 5, 2)

@@ -12,6 +12,7 @@ from flax import nnx
 from jdpt.models import lora
 from jdpt.models.flux import FluxConfig, FluxTransformer
 from jdpt.weights import WeightsError, state_dict
+from jdpt.weights import lora as lora_files
 
 TINY = FluxConfig(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
                   num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6,
@@ -109,11 +110,11 @@ def test_errors(model, tmp_path):
         lora.add_lora(model, r"attn\.to_q", rank=2)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         lora.add_lora(model, r"to_k", rank=0)
-    path = lora.save_lora(model, tmp_path)
+    path = lora_files.save_lora(model, tmp_path)
     other = FluxTransformer(FluxConfig(**{**TINY.__dict__, "num_layers": 0}), rngs=nnx.Rngs(0))
     with pytest.raises(WeightsError, match=r"modules not in the model \['transformer_blocks\.0\.attn\.to_q'\]"):
-        lora.load_lora(other, path)
+        lora_files.load_lora(other, path)
     with pytest.raises(WeightsError, match="no 'unet.*lora_A.weight' keys.*prefix='unet'"):
-        lora.load_lora(FluxTransformer(TINY, rngs=nnx.Rngs(0)), path, prefix="unet")
+        lora_files.load_lora(FluxTransformer(TINY, rngs=nnx.Rngs(0)), path, prefix="unet")
     with pytest.raises(WeightsError, match="no LoRA file"):
-        lora.load_lora(model, tmp_path / "missing.safetensors")
+        lora_files.load_lora(model, tmp_path / "missing.safetensors")

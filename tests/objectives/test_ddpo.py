@@ -19,13 +19,21 @@ from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.models.flux import unpack_latents
 from jdpt.models.lora import add_lora
 from jdpt.objectives.advantages import PerPromptStatTracker
-from jdpt.objectives.ddpo import (DDPO, DPOK, clipped_surrogate, ddim_rollout, dpok_surrogate,
-                                  flow_as_epsilon, guided_prediction, select_steps)
-from jdpt.objectives.denoiser import world_velocity
+from jdpt.objectives.ddpo import (
+    DDPO,
+    DPOK,
+    clipped_surrogate,
+    ddim_rollout,
+    dpok_surrogate,
+    flow_as_epsilon,
+    guided_prediction,
+    select_steps,
+)
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
 from jdpt.rewards.compressibility import jpeg_compressibility
 from jdpt.world import WorldConfig, WorldModel, empty_prompt
+from jdpt.world.adapter import world_velocity
 
 # The smallest Shapes-world model the architecture allows (no pretraining: the smoke tests check
 # the plumbing, not learning).

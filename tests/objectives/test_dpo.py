@@ -11,6 +11,7 @@ from flax import nnx
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.objectives.dpo import DPO, dpo_logits, dpo_loss
 from jdpt.objectives.sft import ForwardProcess
+from jdpt.world.adapter import world_velocity
 from tests.objectives.fixtures_offline import (ToyDenoiser, perturbed, random_latents, tiny_world, toy_denoise,
                                                toy_frozen, toy_numpy, trainable_copy, train_two_steps,
                                                world_cond)
@@ -152,7 +153,7 @@ def test_train_step_on_world(trainable):
     model = tiny_world(lora=trainable == "lora")
     batch = {"x0_w": random_latents(0, 2, model), "x0_l": random_latents(1, 2, model), "cond": world_cond(model, 2)}
     extra = {"reference": trainable_copy(model, "all")} if trainable == "all" else None
-    first, second = train_two_steps(DPO(), model, batch, trainable=trainable, extra=extra)
+    first, second = train_two_steps(DPO(world_velocity), model, batch, trainable=trainable, extra=extra)
     # Step 1: policy == reference (zero adapters / the copy): equal MSEs up to the fp32 rounding
     # of separately fused forwards, and L = log 2 up to that rounding times beta / 2 = 2500.
     np.testing.assert_allclose([first["mse_w"], first["mse_l"]], [first["ref_mse_w"], first["ref_mse_l"]],

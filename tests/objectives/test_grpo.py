@@ -16,11 +16,11 @@ from flax import nnx
 
 from jdpt.diffusion.samplers import flow_cps_step_logprob, flow_sde_step, flow_sde_step_logprob, gaussian_log_prob
 from jdpt.objectives.advantages import group_advantages
-from jdpt.objectives.denoiser import world_velocity
 from jdpt.objectives.grpo import FlowGRPO, ema_update, mean_kl
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
 from jdpt.rewards.compressibility import jpeg_compressibility
+from jdpt.world.adapter import world_velocity
 from tests.objectives.test_ddpo import PROMPTS, _fast_compiles, perturb, tiny_world, world_cond, world_images
 
 __all__ = ["_fast_compiles"]  # the module-scoped fixture applies here too

@@ -10,6 +10,7 @@ import pytest
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.objectives.mapo import MaPO, mapo_f, mapo_logodds, mapo_loss
 from jdpt.objectives.sft import ForwardProcess
+from jdpt.world.adapter import world_velocity
 from tests.objectives.fixtures_offline import (ToyDenoiser, random_latents, tiny_world, toy_denoise, toy_frozen,
                                                toy_numpy, train_two_steps, world_cond)
 from tests.objectives.test_dpo import numpy_log_sigmoid, pair_batch
@@ -93,6 +94,6 @@ def test_objective_matches_numpy(name):
 def test_train_step_on_world_lora():
     model = tiny_world(lora=True)
     batch = {"x0_w": random_latents(0, 2, model), "x0_l": random_latents(1, 2, model), "cond": world_cond(model, 2)}
-    first, second = train_two_steps(MaPO(), model, batch, trainable="lora")
+    first, second = train_two_steps(MaPO(world_velocity), model, batch, trainable="lora")
     assert np.isfinite(first["loss"]) and np.isfinite(second["loss"]) and first["loss"] != second["loss"]
     assert np.isfinite(first["grad_norm"]) and first["grad_norm"] > 0

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jdpt.objectives.nft import NFT, nft_loss, nft_r, nft_velocities, update_old
+from jdpt.world.adapter import world_velocity
 from tests.objectives.fixtures_offline import (ToyDenoiser, perturbed, random_latents, tiny_world, toy_denoise,
                                                toy_frozen, toy_numpy, trainable_copy, train_two_steps,
                                                world_cond)
@@ -164,7 +165,7 @@ def test_nan_advantages_and_missing_pieces():
     with pytest.raises(ValueError, match="needs a reference model"):  # KL on, full params, no reference
         NFT(denoise=toy_denoise).loss(params, frozen, good, jax.random.key(0))
     with pytest.raises(ValueError, match="beta > 0"):
-        NFT(beta=0.0)
+        NFT(toy_denoise, beta=0.0)
 
 
 # Full fine-tuning with reference and old copies: one more ~10 s compile, so outside the default
@@ -177,7 +178,7 @@ def test_train_step_on_world(trainable):
     extra = {"old": trainable_copy(model, trainable)}
     if trainable == "all":
         extra["reference"] = trainable_copy(model, "all")
-    first, second = train_two_steps(NFT(), model, batch, trainable=trainable, extra=extra)
+    first, second = train_two_steps(NFT(world_velocity), model, batch, trainable=trainable, extra=extra)
     assert np.isfinite(first["loss"]) and np.isfinite(second["loss"]) and first["loss"] != second["loss"]
     # Step 1: policy == reference (zero adapters / the copy; separate XLA fusions may leave ~1e-14).
     assert float(first["kl"]) <= 1e-10 < 1e-8 < float(second["kl"])

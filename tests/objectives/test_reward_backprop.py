@@ -13,11 +13,10 @@ from flax import nnx
 
 from jdpt.diffusion.samplers import ddim_sample, euler_flow
 from jdpt.diffusion.schedules import DDPMSchedule, flow_sigmas, inference_timesteps
-from jdpt.objectives.denoiser import world_velocity
-from jdpt.objectives.reward_backprop import (DRaFT, AlignProp, ReFL, refl_loss, refl_prediction,
-                                             truncated_sample)
+from jdpt.objectives.reward_backprop import AlignProp, DRaFT, ReFL, refl_loss, refl_prediction, truncated_sample
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
+from jdpt.world.adapter import world_velocity
 from tests.objectives.test_ddpo import PROMPTS, _fast_compiles, tiny_world, world_cond
 
 __all__ = ["_fast_compiles"]  # the module-scoped fixture applies here too

@@ -7,6 +7,7 @@ import pytest
 
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.objectives.sft import SFT, ForwardProcess, per_sample_mse
+from jdpt.world.adapter import world_velocity
 from tests.objectives.fixtures_offline import (ToyDenoiser, random_latents, tiny_world, toy_denoise,
                                                toy_frozen, toy_numpy, train_two_steps, world_cond)
 
@@ -101,6 +102,6 @@ def test_per_sample_mse_and_cond_check():
 def test_sft_train_step_on_world_lora():
     model = tiny_world(lora=True)
     batch = {"x0": random_latents(0, 2, model), "cond": world_cond(model, 2)}
-    first, second = train_two_steps(SFT(), model, batch, trainable="lora")
+    first, second = train_two_steps(SFT(world_velocity), model, batch, trainable="lora")
     assert np.isfinite(first["loss"]) and np.isfinite(second["loss"])
     assert first["loss"] != second["loss"]  # same batch and key: only the adapters changed

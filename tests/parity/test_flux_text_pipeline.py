@@ -11,9 +11,9 @@ import string
 import numpy as np
 import pytest
 
+from jdpt.diffusion.pipeline_parts import FluxScheduler, load_flux_pipeline
 from jdpt.diffusion.prompts import encode_flux_prompt, flux_text_to_image
 from jdpt.weights.files import WeightsError
-from jdpt.weights.pipelines import FluxScheduler, load_flux_pipeline
 from tests.parity.test_pipeline import FLUX, VAE
 from tests.reference import assert_parity, torch_module
 

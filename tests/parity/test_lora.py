@@ -1,5 +1,5 @@
 """LoRA interchange with diffusers/PEFT: trained here -> FluxPipeline.load_lora_weights, and a
-PEFT adapter saved by diffusers -> jdpt.models.lora.load_lora; plus merged export."""
+PEFT adapter saved by diffusers -> jdpt.weights.lora.load_lora; plus merged export."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flax import nnx
 
 import jdpt
 from jdpt.models import lora
+from jdpt.weights import lora as lora_files
 from tests.parity.test_flux import CONFIGS, _inputs, _torch_flux, _torch_forward
 from tests.reference import assert_parity, torch_module
 
@@ -53,7 +54,7 @@ def test_lora_trained_here_loads_in_diffusers(base):
     for _ in range(3):
         adapters, opt_state, _ = step(adapters, opt_state)
     trained = nnx.merge(graphdef, adapters, rest)
-    path = lora.save_lora(trained, tmp / "lora")
+    path = lora_files.save_lora(trained, tmp / "lora")
 
     pipe = _pipeline(ref)
     pipe.load_lora_weights(tmp / "lora")
@@ -80,7 +81,7 @@ def test_peft_lora_from_diffusers_loads_here(base):
     FluxPipeline.save_lora_weights(tmp / "peft", transformer_lora_layers=get_peft_model_state_dict(ref),
                                    transformer_lora_adapter_metadata=config.to_dict())
     ours = jdpt.from_diffusers(tmp / "base")
-    names = lora.load_lora(ours, tmp / "peft")
+    names = lora_files.load_lora(ours, tmp / "peft")
     assert "proj_out" in names and "transformer_blocks.0.ff.net.2" in names
     assert {l.scale for l in lora.lora_layers(ours).values()} == {2.0}
     inputs = _inputs(cfg, seed=12)

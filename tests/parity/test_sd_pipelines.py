@@ -13,14 +13,14 @@ import pytest
 from jdpt.diffusion.samplers import ddim_sample
 from jdpt.diffusion.schedules import inference_timesteps
 from jdpt.diffusion.sd_pipeline import sd3_text_to_image, sd_generate, sd_text_to_image, sdxl_text_to_image
-from jdpt.weights.files import WeightsError
-from jdpt.weights.sd_pipelines import (
+from jdpt.diffusion.sd_pipeline_parts import (
     SD3Scheduler,
     ddim_schedule,
     load_sd3_pipeline,
     load_sd_pipeline,
     load_sdxl_pipeline,
 )
+from jdpt.weights.files import WeightsError
 from tests.parity import test_sd_prompts
 from tests.parity.test_pipeline import VAE
 from tests.parity.test_sd3 import CONFIGS as SD3_CONFIGS

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdpt.data import render, sample_prompts
 from jdpt.rewards import jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
+from jdpt.world.scenes import render, sample_prompts
 
 
 def test_flat_images_are_more_compressible_than_noise():

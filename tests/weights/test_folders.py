@@ -157,4 +157,4 @@ def test_pickles_are_refused(tmp_path):
 
 def test_public_api():
     assert jdpt.from_diffusers is from_diffusers
-    assert jdpt.models.from_diffusers is from_diffusers
+    assert jdpt.weights.from_diffusers is from_diffusers

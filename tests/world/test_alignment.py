@@ -15,14 +15,14 @@ import pytest
 from flax import nnx
 
 from jdpt import cli
-from jdpt.data.shapes import CATEGORIES, PALETTE, ShapesConfig, parse_prompt, render
 from jdpt.world import AlignSettings, WorldConfig, WorldModel, post_train
-from jdpt.rewards.verifier import verify
 from jdpt.world.alignment import reward_description
 from jdpt.world.alignment_runs import OfflineData, make_offline_data
 from jdpt.world.cache import PRESETS
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets, object_areas
 from jdpt.world.pretraining import eval_prompts
+from jdpt.world.scenes import CATEGORIES, PALETTE, ShapesConfig, parse_prompt, render
+from jdpt.world.verifier import verify
 
 SHAPES = ShapesConfig()
 

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from jdpt import cli
-from jdpt.data.shapes import sample_pairs
 from jdpt.world.cache import base_model, load_model, model_dir, save_model
 from jdpt.world.model import make_sampler
 from jdpt.world.pretraining import PretrainConfig
+from jdpt.world.scenes import sample_pairs
 from jdpt.world.unet_model import UNetWorldConfig
 
 # CI's reduced UNet pretraining (300 steps of 32 pairs) measured 0.052 overall and 0.31 on single

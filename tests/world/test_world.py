@@ -13,11 +13,11 @@ import pytest
 from flax import nnx
 
 from jdpt import cli
-from jdpt.data.shapes import render
 from jdpt.models.flux import image_ids, unpack_latents
 from jdpt.world.cache import PRESETS, CacheError, base_model, load_model, model_dir, save_model
 from jdpt.world.model import WorldConfig, WorldModel
 from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate
+from jdpt.world.scenes import render
 
 # GenEval-lite of CI's reduced pretraining (2500 steps of 32 pairs: 47 s alone on 2 cores, 70 s
 # inside the suite; measured 0.099 overall and 0.156 on single objects with 32 prompts per

@@ -2,7 +2,7 @@
 
 A pipeline folder (what ``pipe.save_pretrained`` writes, or a hub snapshot) holds a
 ``model_index.json`` naming the pipeline class and one subfolder per component. This module reads
-the Flux text-to-image pipeline (:mod:`jdpt.weights.sd_pipelines` the SD family); its single models
+the Flux text-to-image pipeline (:mod:`jdpt.diffusion.sd_pipeline_parts` the SD family); its single models
 load with :func:`from_diffusers` as well (``jdpt.from_diffusers(folder, subfolder="transformer")``).
 """
 
@@ -41,7 +41,7 @@ _UNSUPPORTED_SCHEDULER_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_ex
 class FlowMatchScheduler:
     """``FlowMatchEulerDiscreteScheduler`` settings (static ``shift`` or dynamic, resolution-dependent
     shifting from ``base_shift`` to ``max_shift``). Subclasses name the pipeline whose sigma grid
-    they reproduce: :class:`FluxScheduler`, ``jdpt.weights.sd_pipelines.SD3Scheduler``.
+    they reproduce: :class:`FluxScheduler`, ``jdpt.diffusion.sd_pipeline_parts.SD3Scheduler``.
     """
 
     pipeline: ClassVar[str] = "flow-matching"

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jdpt.data.shapes import CATEGORIES, PALETTE, SHAPES, ObjectSpec, Prompt, ShapesConfig, parse_prompt
+from jdpt.world.scenes import CATEGORIES, PALETTE, SHAPES, ObjectSpec, Prompt, ShapesConfig, parse_prompt
 
 _MAX_COLOR_ANGLE = math.radians(35.0)
 _CORNER_RADIUS = 1.1  # bbox pixels beyond this normalised ellipse radius are "corners"

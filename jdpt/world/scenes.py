@@ -6,7 +6,7 @@ touch (at least two background pixels apart) and left/right/above/below are well
 object is a flat, fully saturated circle, square or upward triangle (width = height) whose colour
 comes from :data:`PALETTE`. The background is black so that a colour keeps its direction in RGB
 when it is dimmed or blurred into the background, which is what the verifier
-(``jdpt.rewards.verifier``) relies on.
+(``jdpt.world.verifier``) relies on.
 
 The grammar covers GenEval's six categories (Ghosh et al., 2023, "GenEval: An Object-Focused
 Framework for Evaluating Text-to-Image Alignment"); each line gives an example prompt and the
@@ -33,8 +33,9 @@ import functools
 import math
 from collections.abc import Sequence
 
-import jax
 import numpy as np
+
+from jdpt.data.rng import as_rng
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -166,18 +167,6 @@ class Prompt:
     category: str
     objects: tuple[ObjectSpec, ...]
     relation: str | None = None
-
-
-def as_rng(seed) -> np.random.Generator:
-    """A numpy Generator from an int seed, a Generator (returned as is) or a JAX PRNG key."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return np.random.default_rng(int(seed))
-    if isinstance(seed, jax.Array):
-        data = jax.random.key_data(seed) if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) else seed
-        return np.random.default_rng(np.asarray(data, dtype=np.uint32).ravel())
-    raise ValueError(f"seed={seed!r}: pass an int, a numpy Generator or a JAX PRNG key")
 
 
 def _noun(spec: ObjectSpec) -> str:

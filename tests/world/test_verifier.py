@@ -9,12 +9,19 @@ from collections import deque
 import numpy as np
 import pytest
 
-from jdpt.data import (
-    CATEGORIES, NUMBER_WORDS, PALETTE, RELATIONS, ObjectSpec, Prompt, ShapesConfig, parse_prompt,
-    render, sample_prompts,
+from jdpt.world.scenes import (
+    CATEGORIES,
+    NUMBER_WORDS,
+    PALETTE,
+    RELATIONS,
+    ObjectSpec,
+    Prompt,
+    ShapesConfig,
+    parse_prompt,
+    render,
+    sample_prompts,
 )
-from jdpt.rewards import Verdict, detect, geneval_lite_reward, verify
-from jdpt.rewards.verifier import _components
+from jdpt.world.verifier import Verdict, _components, detect, geneval_lite_reward, verify
 
 CONFIGS = {
     "32px": ShapesConfig(),

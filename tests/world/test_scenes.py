@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jdpt.data import (
+from jdpt.world.scenes import (
     BOS_ID,
     CATEGORIES,
     EOS_ID,

@@ -25,11 +25,11 @@ from typing import Any
 
 from flax import nnx
 
+from jdpt.diffusion.pipeline_parts import FlowMatchScheduler, load_tokenizer
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.weights.diffusers import from_diffusers
 from jdpt.weights.files import WeightsError
 from jdpt.weights.pipeline_folder import DDIM_CONVERTIBLE, open_pipeline, read_scheduler_config
-from jdpt.weights.pipelines import FlowMatchScheduler, load_tokenizer
 
 _VAE = ("AutoencoderKL",)
 _UNET = ("UNet2DConditionModel",)

@@ -41,17 +41,15 @@ import math
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from PIL import Image, ImageDraw
 
-from jdpt.parallel.step import Frozen
 from jdpt.timing import machine
 from jdpt.world.alignment import METHODS, OFFLINE, AlignSettings, post_train, reward_description
 from jdpt.world.alignment_runs import OfflineData, geneval, make_offline_data, standard_error
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldModel
-from jdpt.world.pretraining import eval_prompts
+from jdpt.world.evaluation import eval_prompts
 from jdpt.world.scenes import CATEGORIES, Prompt
 
 RESULTS = Path(__file__).parent / "results"
@@ -355,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = base.config.shapes
     eval_set = eval_prompts(settings.eval_per_category, base.config)
     probe_set = eval_prompts(settings.probe_per_category, base.config, seed=2025)
-    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
-    base_verdict = geneval(params, Frozen(graphdef, rest), eval_set, config, seed=settings.seed + 8)
+    base_verdict = geneval(base, eval_set, seed=settings.seed + 8)
     areas = object_areas(config)
     data = make_offline_data(base, settings, progress=progress) if set(methods) & set(OFFLINE) else None
 

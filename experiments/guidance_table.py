@@ -68,8 +68,8 @@ from jdpt.timing import machine
 from jdpt.world.attend_excite import world_maps
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.figures import image_grid
-from jdpt.world.model import SAMPLING_STEPS, WorldModel, empty_prompt, make_sampler
-from jdpt.world.pretraining import eval_prompts
+from jdpt.world.evaluation import eval_prompts, make_sampler
+from jdpt.world.model import SAMPLING_STEPS, WorldModel, empty_prompt
 from jdpt.world.scenes import CATEGORIES, Prompt, ShapesConfig, render, sample_prompts
 from jdpt.world.style_aligned import world_style_aligned
 from jdpt.world.verifier import Detection, verify

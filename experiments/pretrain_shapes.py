@@ -24,7 +24,7 @@ from pathlib import Path
 from jdpt.timing import machine
 from jdpt.world.cache import PRESETS, base_model, model_dir
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS
-from jdpt.world.pretraining import eval_prompts, evaluate
+from jdpt.world.evaluation import eval_prompts, evaluate
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RANGE = (0.2, 0.7)

@@ -91,7 +91,7 @@ def demo(args: argparse.Namespace) -> int:
     from jdpt.world.cache import base_model, model_dir
     from jdpt.world.figures import image_grid
     from jdpt.world.model import WorldModel
-    from jdpt.world.pretraining import eval_prompts, evaluate
+    from jdpt.world.evaluation import eval_prompts, evaluate
     from jdpt.world.scenes import CATEGORIES
 
     if args.post_train != "none" and not args.post_train_seconds > 0:
@@ -200,7 +200,7 @@ def sample(args: argparse.Namespace) -> int:
             raise SystemExit(f"jdpt sample: {e}") from None
     else:
         from jdpt.world.cache import CacheError, load_model
-        from jdpt.world.model import make_sampler
+        from jdpt.world.evaluation import make_sampler
 
         try:
             model, _ = load_model(folder)

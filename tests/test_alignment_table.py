@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jdpt.world.pretraining import eval_prompts, evaluate
+from jdpt.world.evaluation import eval_prompts, evaluate
 from tests.experiment_scripts import load_script
 
 table = load_script("alignment_table")

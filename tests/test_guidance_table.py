@@ -11,8 +11,7 @@ import pytest
 import scipy.linalg
 
 from jdpt.guidance import PAG
-from jdpt.world.model import make_sampler
-from jdpt.world.pretraining import eval_prompts
+from jdpt.world.evaluation import eval_prompts, make_sampler
 from jdpt.world.scenes import CATEGORIES, ShapesConfig, parse_prompt, render, tokenize, vocabulary
 from jdpt.world.verifier import Detection, verify
 from tests.experiment_scripts import load_script

@@ -1,4 +1,5 @@
-"""grain loaders: shuffled, decoded, batched, per-host sharded and checkpointable.
+"""grain loaders: shuffled, decoded, batched, per-host sharded and checkpointable; and streams of
+batches made on the fly (:func:`make_stream`).
 
 :func:`make_loader` turns any random-access source (``len`` + ``__getitem__``: a tfds
 ``as_data_source`` of :mod:`jdpt.data.builders`, a ``grain.sources.ArrayRecordDataSource``, a list
@@ -116,3 +117,38 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True,
     operations.append(grain.transforms.Batch(batch_size, drop_remainder=drop_remainder))
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count, shard_options=shard, read_options=read_options)
+
+
+class _Indices:
+    """The random-access source ``0, 1, ..., n - 1``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __repr__(self) -> str:  # grain's checkpoints record it: stable across processes
+        return f"range({self.n})"
+
+
+def make_stream(make_batch: Callable[[int], dict], num_batches: int, *,
+                read_options: grain.ReadOptions | None = None) -> grain.DataLoader:
+    """A grain loader whose ``i``-th element is the batch ``make_batch(i)``: data made on the fly
+    (rendered scenes, prompts drawn from a grammar) with a checkpointable position.
+
+    ``make_batch`` must be a deterministic function of ``i`` (seed its randomness with ``i``), so
+    a restored iterator continues with exactly the batches an uninterrupted run would have seen;
+    grain's reader threads (``read_options``, default 4 threads, 8 batches ahead) make the next
+    batches while the current step runs. Every process makes the same batches (no sharding).
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches}: pass a positive number of batches")
+    sampler = grain.samplers.IndexSampler(num_batches, shard_options=grain.sharding.NoSharding(), shuffle=False,
+                                          num_epochs=1, seed=0)
+    options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+    return grain.DataLoader(data_source=_Indices(num_batches), sampler=sampler, operations=[_Call(make_batch)],
+                            read_options=options)

@@ -57,7 +57,7 @@ def conv2d(
     param_dtype=jnp.float32,
 ) -> nnx.Conv:
     """NHWC ``nnx.Conv`` with PyTorch ``Conv2d`` padding semantics (symmetric ``padding``)."""
-    pad = [(padding, padding)] * 2 if isinstance(padding, int) else list(padding)
+    pad = ((padding, padding),) * 2 if isinstance(padding, int) else tuple(tuple(p) for p in padding)
     return nnx.Conv(
         in_channels,
         out_channels,

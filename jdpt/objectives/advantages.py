@@ -1,18 +1,20 @@
 """Advantages of online RL objectives: rewards normalised per prompt (DDPO) or per group (Flow-GRPO).
 
-Rewards come from host-side scorers (the Shapes verifier, JPEG size: NumPy), so the usual place
-for this is the host, between a rollout and its update: :func:`group_advantages` (Flow-GRPO) and
-:class:`PerPromptStatTracker` (DDPO) are NumPy. When the rewards already sit on the devices, split
-over the batch axes with one prompt's group spread over several devices,
-:func:`sharded_group_advantages` computes the same numbers there
-(:func:`jdpt.parallel.collectives.group_normalize` for per-group statistics).
+Rewards come from host-side scorers (the Shapes verifier, JPEG size: NumPy); the online step
+(:func:`jdpt.train.online.make_online_step`) sends them ``[B]`` back to the devices, where the
+trajectories stayed, and computes advantages there inside ``jit``: :func:`device_group_advantages`
+(Flow-GRPO, DiffusionNFT) and :class:`PerPromptStatTracker` (DDPO; a pure function over a table
+kept in the train state). Prompts are keyed by int ids (:func:`prompt_ids`). The NumPy
+:func:`group_advantages` is the host version; :func:`sharded_group_advantages` the same numbers
+for rewards split over a mesh (:func:`jdpt.parallel.collectives.group_normalize` for per-group
+statistics).
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import functools
-from collections.abc import Hashable, Sequence
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -101,10 +103,7 @@ def sharded_group_advantages(rewards: jax.Array, groups: int | jax.Array, mesh: 
 
 @jax.jit
 def _global_std_advantages(r: jax.Array, ids: jax.Array, eps: float) -> jax.Array:
-    b = r.shape[0]
-    count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(r), ids, num_segments=b), 1.0)
-    centered = r - (jax.ops.segment_sum(r, ids, num_segments=b) / count)[ids]
-    return centered / (r.std() + eps)
+    return device_group_advantages(r, ids, global_std=True, eps=eps)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "eps"))
@@ -112,32 +111,99 @@ def _per_group_advantages(r: jax.Array, ids: jax.Array, mesh: Mesh, eps: float) 
     return group_normalize(r, ids, mesh, eps=eps)
 
 
+def prompt_ids(texts) -> np.ndarray:
+    """Stable int32 ids ``[B]`` of prompt texts (31 bits of their BLAKE2b hash): the keys of
+    :class:`PerPromptStatTracker` and of group advantages. Distinct texts collide with
+    probability about ``n^2 / 2^32`` for ``n`` distinct prompts."""
+    return np.asarray([int.from_bytes(hashlib.blake2b(str(t).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+                       for t in texts], np.int32).reshape(len(texts))
+
+
+def _dense_ids(ids: jax.Array) -> jax.Array:
+    """Arbitrary int ids ``[B]`` -> ``[B]`` labels in ``[0, B)`` (equal ids, equal labels)."""
+    return jnp.unique(ids, size=ids.shape[0], fill_value=jnp.iinfo(jnp.int32).max, return_inverse=True)[1].reshape(-1)
+
+
+def device_group_advantages(rewards: jax.Array, ids: jax.Array, *, global_std: bool = True,
+                            eps: float = 1e-4) -> jax.Array:
+    """:func:`group_advantages` inside ``jit`` (no host checks): rewards ``[B]`` grouped by
+    int ids ``[B]`` (e.g. :func:`prompt_ids`); segment sums, which XLA partitions over a mesh."""
+    r = jnp.asarray(rewards, jnp.float32)
+    labels = _dense_ids(jnp.asarray(ids, jnp.int32))
+    b = r.shape[0]
+    count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(r), labels, num_segments=b), 1.0)
+    centered = r - (jax.ops.segment_sum(r, labels, num_segments=b) / count)[labels]
+    if global_std:
+        std = r.std()
+    else:
+        std = jnp.sqrt(jax.ops.segment_sum(centered**2, labels, num_segments=b) / count)[labels]
+    return centered / (std + eps)
+
+
+@dataclasses.dataclass(frozen=True)
 class PerPromptStatTracker:
     """DDPO's per-prompt reward normaliser (Black et al., ICLR 2024; ddpo-pytorch
-    ``stat_tracking.py``): each prompt keeps its last ``buffer_size`` rewards; a reward's
-    advantage is ``(r - mean_p) / (std_p + 1e-6)`` over that buffer once it holds ``min_count``
-    rewards, else over the current batch's rewards. Host-side and stateful (one per run).
+    ``stat_tracking.py``) as a pure function over an on-device table, so that its state lives in
+    the train state and is checkpointed: each prompt keeps its last ``buffer_size`` rewards; a
+    reward's advantage is ``(r - mean_p) / (std_p + eps)`` over its prompt's buffer (this batch's
+    rewards included) once that holds ``min_count`` rewards, else over the current batch's rewards.
 
-    Defaults: ``per_prompt_stat_tracking`` ``buffer_size=16, min_count=16``.
+    Defaults: ``per_prompt_stat_tracking`` ``buffer_size=16, min_count=16``. ``capacity`` (jdpt's:
+    the reference keeps an unbounded dict) is how many distinct prompts the table holds; prompts
+    arriving when it is full are normalised by the batch and counted in ``tracker_overflow``.
     """
 
-    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
-        if buffer_size < 1 or min_count < 1:
-            raise ValueError(f"buffer_size={buffer_size} and min_count={min_count} must be >= 1")
-        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
-        self.buffers: dict[Hashable, collections.deque] = {}
+    buffer_size: int = 16
+    min_count: int = 16
+    capacity: int = 4096
+    eps: float = 1e-6
 
-    def update(self, prompts: Sequence[Hashable], rewards) -> np.ndarray:
-        """Add this batch's rewards to the prompts' buffers; return their advantages ``[B]`` float32."""
-        r = check_rewards(rewards)
-        prompts = np.asarray(prompts)
-        if prompts.shape != r.shape:
-            raise ValueError(f"prompts {prompts.shape} and rewards {r.shape} must both be [B]")
-        advantages = np.empty_like(r)
-        for prompt in np.unique(prompts):
-            rows = prompts == prompt
-            buffer = self.buffers.setdefault(prompt.item(), collections.deque(maxlen=self.buffer_size))
-            buffer.extend(r[rows])
-            stats = np.asarray(buffer) if len(buffer) >= self.min_count else r
-            advantages[rows] = (r[rows] - stats.mean()) / (stats.std() + self.eps)
-        return advantages.astype(np.float32)
+    def __post_init__(self):
+        if self.buffer_size < 1 or self.min_count < 1 or self.capacity < 1:
+            raise ValueError(f"PerPromptStatTracker needs buffer_size, min_count and capacity >= 1; got "
+                             f"{self.buffer_size}, {self.min_count}, {self.capacity}")
+
+    def init(self) -> dict[str, jax.Array]:
+        """The empty table: ``keys [capacity]`` (-1: free), ``rewards [capacity, buffer_size]``
+        (a ring buffer per prompt), ``count [capacity]`` (rewards ever added), ``overflow``."""
+        return {"keys": jnp.full((self.capacity,), -1, jnp.int32),
+                "rewards": jnp.zeros((self.capacity, self.buffer_size), jnp.float32),
+                "count": jnp.zeros((self.capacity,), jnp.int32), "overflow": jnp.zeros((), jnp.int32)}
+
+    def update(self, state: dict[str, jax.Array], ids: jax.Array,
+               rewards: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+        """Add this batch's rewards ``[B]`` under their prompts' int ids ``[B]`` (>= 0, e.g.
+        :func:`prompt_ids`); return the new table and the advantages ``[B]`` float32. Jittable."""
+        ids, r = jnp.asarray(ids, jnp.int32), jnp.asarray(rewards, jnp.float32)
+        b, c, s = r.shape[0], self.capacity, self.buffer_size
+        keys, table, count = state["keys"], state["rewards"], state["count"]
+        unique, inverse = jnp.unique(ids, size=b, fill_value=-1, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        valid = unique >= 0
+        match = keys[None, :] == unique[:, None]  # [b, c]
+        found = valid & match.any(axis=1)  # padding (-1) matches the free slots: never "found"
+        new = valid & ~found
+        free = jnp.nonzero(keys < 0, size=c, fill_value=c)[0]
+        rank = jnp.cumsum(new) - 1
+        slot = jnp.where(found, jnp.argmax(match, axis=1), jnp.where(new, free[jnp.minimum(rank, c - 1)], c))
+        slot = jnp.where(new & (rank >= jnp.sum(keys < 0)), c, slot)  # no free slot left: c = none
+        keys = keys.at[slot].set(unique, mode="drop")
+        row_slot = slot[inverse]
+        same = ids[:, None] == ids[None, :]
+        order = jnp.sum(jnp.tril(same, -1), axis=1)  # earlier rows of the same prompt
+        n = jnp.sum(same, axis=1)
+        keep = order >= n - s  # a deque of maxlen s keeps the last s
+        pos = (count[jnp.minimum(row_slot, c - 1)] + order) % s
+        table = table.at[jnp.where(keep, row_slot, c), pos].set(r, mode="drop")
+        added = jax.ops.segment_sum(jnp.ones_like(ids), row_slot, num_segments=c + 1)[:c]
+        count = count + added
+        length = jnp.minimum(count, s)[jnp.minimum(row_slot, c - 1)]
+        buffers = table[jnp.minimum(row_slot, c - 1)]  # [B, s]
+        filled = jnp.arange(s)[None, :] < length[:, None]
+        mean_p = jnp.sum(jnp.where(filled, buffers, 0), axis=1) / jnp.maximum(length, 1)
+        std_p = jnp.sqrt(jnp.sum(jnp.where(filled, (buffers - mean_p[:, None]) ** 2, 0), axis=1) / jnp.maximum(length, 1))
+        use = (row_slot < c) & (length >= self.min_count)
+        mean = jnp.where(use, mean_p, r.mean())
+        std = jnp.where(use, std_p, r.std())
+        overflow = state["overflow"] + jnp.sum(row_slot >= c).astype(jnp.int32)
+        return {"keys": keys, "rewards": table, "count": count, "overflow": overflow}, (r - mean) / (std + self.eps)

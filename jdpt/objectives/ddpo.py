@@ -4,17 +4,18 @@ DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICL
 kvablack/ddpo-pytorch) treats each DDIM step ``x_t -> x_{t-1}`` with ``eta = 1`` as a Gaussian
 policy action. DPOK (Fan et al., "DPOK: Reinforcement Learning for Fine-tuning Text-to-Image
 Diffusion Models", NeurIPS 2023; google-research/dpok) adds a KL-like penalty to the pretrained
-model. One online iteration:
+model. One online iteration (:func:`jdpt.train.online.make_online_step` runs it as one step of
+``jdpt.train.fit``):
 
-1. ``batch, x0 = objective.rollout(model, cond, noise, key)`` with the CURRENT policy (jit it;
-   ``model = state.frozen.model(state.params)``): the trajectories' states, timesteps and
-   ``logp_old``.
-2. On the host: decode ``x0``, score it with a NumPy reward, turn rewards into advantages
-   (:class:`jdpt.objectives.advantages.PerPromptStatTracker` or ``group_advantages``) and set
-   ``batch["advantages"]`` ``[B]``; DPOK's own baseline is a learned value net, giving
-   per-transition advantages ``[B, K]`` (:mod:`jdpt.objectives.value`).
-3. ``step(state, batch, key)`` of ``make_train_step(objective, ...)`` one or more times: the loss
-   re-evaluates every stored transition's log-prob under the new params (``ddim_step_logprob``).
+1. ``batch, x0 = objective.rollout(model, cond, noise, key)`` with the CURRENT policy: the
+   trajectories' states, timesteps and ``logp_old``, kept on the device.
+2. The decoded samples are scored on the host; ``objective.advantages(aux, batch, rewards, ids)``
+   turns the rewards into ``batch["advantages"]`` on the device: ``[B]`` from DDPO's per-prompt
+   stat tracker (:class:`jdpt.objectives.advantages.PerPromptStatTracker`, its table in the train
+   state), ``[B, K]`` per transition from DPOK's learned value net
+   (:class:`jdpt.objectives.value.ValueBaseline`, trained there first, also in the train state).
+3. The update of ``make_train_step(objective, ...)``: the loss re-evaluates every stored
+   transition's log-prob under the new params (``ddim_step_logprob``).
 
 Models: :data:`Denoiser` in the DDPM convention (integer timesteps, ``schedule.prediction_type``
 output). A flow-matching model (the Shapes world) joins through :func:`flow_as_epsilon`.
@@ -32,7 +33,9 @@ from flax import nnx
 from jdpt.diffusion.samplers import ddim_sample, ddim_step_logprob
 from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
 from jdpt.guidance.cfg import cfg
+from jdpt.objectives.advantages import PerPromptStatTracker
 from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
+from jdpt.objectives.value import ValueBaseline, value_advantages, value_batch
 from jdpt.parallel.step import Frozen
 
 Array = jax.Array
@@ -160,6 +163,17 @@ def _trajectory_batch(samples, t, t_next, log_probs, cond, uncond, cfg_scale) ->
     return batch
 
 
+def tracked_advantages(tracker: PerPromptStatTracker | None, aux: Any, rewards: Array,
+                       ids: Array) -> tuple[Any, Array, dict[str, Array]]:
+    """``(aux, advantages [B], metrics)``: ``rewards`` normalised per prompt by ``tracker`` (its
+    table in ``aux["tracker"]``), or by the batch's mean and std (+1e-8) when it is None."""
+    r = jnp.asarray(rewards, jnp.float32)
+    if tracker is None:
+        return aux, (r - r.mean()) / (r.std() + 1e-8), {}
+    table, adv = tracker.update(aux["tracker"], ids, r)
+    return {**aux, "tracker": table}, adv, {"tracker_overflow": table["overflow"].astype(jnp.float32)}
+
+
 def check_transitions(batch: dict[str, Any], times: tuple[str, str] = ("t", "t_next"),
                       per_transition: bool = False) -> tuple[int, int]:
     """``(B, K)`` of a rollout batch; ValueError naming the bad entry otherwise. ``advantages``
@@ -237,6 +251,9 @@ class DDPO:
         clip_range: PPO ratio clip; adv_clip: advantages clipped to ``+-adv_clip``.
         timestep_fraction: share of each trajectory's transitions trained (a random subset per
             sample, drawn from the loss key).
+        tracker: the per-prompt reward normaliser of the online advantages (ddpo-pytorch's
+            ``per_prompt_stat_tracking``: buffer 16, min count 16), its table in ``aux["tracker"]``;
+            None: the batch's ``(r - mean) / (std + 1e-8)`` (ddpo-pytorch without tracking).
     """
 
     denoise: Denoiser
@@ -248,6 +265,7 @@ class DDPO:
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     timestep_fraction: float = 1.0
+    tracker: PerPromptStatTracker | None = PerPromptStatTracker()
 
     def __post_init__(self):
         check_prediction(self.denoise, self.schedule.prediction_type, "DDPO")
@@ -262,6 +280,15 @@ class DDPO:
         """:func:`ddim_rollout` with this objective's sampling settings."""
         return ddim_rollout(self.denoise, model, cond, noise, key, schedule=self.schedule,
                             num_steps=self.num_steps, eta=self.eta, cfg_scale=self.cfg_scale, uncond=uncond)
+
+    def init_aux(self, params: nnx.State) -> Any:
+        return None if self.tracker is None else {"tracker": self.tracker.init()}
+
+    def advantages(self, aux: Any, batch: dict[str, Any], rewards: Array, ids: Array):
+        """Per-prompt normalised ``rewards`` ``[B]`` (prompt ``ids`` ``[B]``) as
+        ``batch["advantages"]``. Returns ``(aux, batch, metrics)``; jittable."""
+        aux, adv, metrics = tracked_advantages(self.tracker, aux, rewards, ids)
+        return aux, {**batch, "advantages": adv}, metrics
 
     def _logprob(self, frozen: Frozen, batch: dict[str, Any]):
         def step(params, x_t, x_next, t, t_next):
@@ -301,10 +328,12 @@ class DPOK:
     Advantages (``baseline``):
 
     - ``"value"`` (the paper's): ``batch["advantages"]`` ``[B, K]``, one per transition,
-      ``r - V(x_t, c, t)`` from DPOK's learned value net (:mod:`jdpt.objectives.value`:
-      ``value_advantages``; the net trains beside the policy with its own train state).
-    - ``"batch"``: ``[B]``, per sample, from the host (reward minus a per-prompt or batch
-      baseline, e.g. :class:`jdpt.objectives.advantages.PerPromptStatTracker`).
+      ``r - V(x_t, c, t)`` from DPOK's learned value net. Online, ``value`` (a
+      :class:`jdpt.objectives.value.ValueBaseline`) keeps the net and its optimizer in the train
+      state and trains it on each rollout before the advantages (:meth:`advantages`).
+    - ``"batch"``: ``[B]``, per sample: the reward normalised per prompt by ``tracker``
+      (:class:`jdpt.objectives.advantages.PerPromptStatTracker`, its table in the train state) or,
+      without one, by the batch.
 
     The reference samples its policy mini-batches from a replay buffer of recent transitions;
     here the update trains on the given rollout batch (``timestep_fraction`` of its steps).
@@ -320,6 +349,8 @@ class DPOK:
     clip_range: float = 1e-4
     timestep_fraction: float = 1.0
     baseline: str = "value"
+    value: ValueBaseline | None = None
+    tracker: PerPromptStatTracker | None = None
 
     def __post_init__(self):
         check_prediction(self.denoise, self.schedule.prediction_type, "DPOK")
@@ -333,8 +364,31 @@ class DPOK:
     def rollout(self, model: nnx.Module, cond: Any, noise: Array, key: Array, *,
                 uncond: Any = None) -> tuple[dict[str, Any], Array]:
         """:func:`ddim_rollout` with this objective's sampling settings."""
-        return ddim_rollout(self.denoise, model, cond, noise, key, schedule=self.schedule,
-                            num_steps=self.num_steps, eta=self.eta, cfg_scale=self.cfg_scale, uncond=uncond)
+        batch, x0 = ddim_rollout(self.denoise, model, cond, noise, key, schedule=self.schedule,
+                                 num_steps=self.num_steps, eta=self.eta, cfg_scale=self.cfg_scale, uncond=uncond)
+        if self.baseline == "value" and self.value is not None:
+            batch["text"] = self.value.text(model, cond)
+        return batch, x0
+
+    def init_aux(self, params: nnx.State) -> Any:
+        if self.baseline == "value":
+            return None if self.value is None else {"value": self.value.init()}
+        return None if self.tracker is None else {"tracker": self.tracker.init()}
+
+    def advantages(self, aux: Any, batch: dict[str, Any], rewards: Array, ids: Array):
+        """``batch["advantages"]`` from ``rewards`` ``[B]`` (prompt ``ids`` ``[B]``): ``[B, K]``
+        ``r - V`` after training the value net on this rollout (``baseline="value"``), or ``[B]``
+        per-prompt normalised rewards (``"batch"``). Returns ``(aux, batch, metrics)``; jittable."""
+        if self.baseline == "batch":
+            aux, adv, metrics = tracked_advantages(self.tracker, aux, rewards, ids)
+            return aux, {**batch, "advantages": adv}, metrics
+        if self.value is None:
+            raise ValueError("DPOK(baseline='value') computes its advantages with a learned value net: pass "
+                             "value=jdpt.objectives.value.ValueBaseline(...), or baseline='batch'")
+        rows = value_batch(batch, rewards, batch["text"])
+        state, metrics = self.value.fit(aux["value"], rows)
+        adv = value_advantages(self.value.net(state["params"]), batch, rewards, batch["text"])
+        return {**aux, "value": state}, {**batch, "advantages": adv}, metrics
 
     def loss(self, params: nnx.State, frozen: Frozen, batch: dict[str, Any],
              key: Array) -> tuple[Array, Metrics]:

@@ -5,13 +5,14 @@ The flow ODE is turned into an SDE with the same marginals (``flow_sde_step``); 
 Gaussian policy action whose log-prob (fp32) enters DDPO's clipped surrogate, plus a KL penalty
 between the policy's and the reference's step means. One online iteration:
 
-1. ``batch, x0 = objective.rollout(model, cond, noise, key)`` with the CURRENT policy (jit it;
-   ``model = state.frozen.model(state.params)``), ``G`` samples per prompt, consecutive.
-2. On the host: decode and score ``x0`` (NumPy rewards), set ``batch["advantages"] =
-   group_advantages(rewards, G)`` (:mod:`jdpt.objectives.advantages`; on-device groups:
-   ``sharded_group_advantages``).
-3. ``step(state, batch, key)`` of ``make_train_step(objective, ...)``: the loss re-evaluates the
-   recorded transitions under the new params (``flow_sde_step_logprob``).
+1. ``batch, x0 = objective.rollout(model, cond, noise, key)`` with the CURRENT policy,
+   ``G`` samples per prompt, consecutive;
+2. the decoded samples are scored on the host and :meth:`FlowGRPO.advantages` attaches the group
+   advantages ``(R - mean_group) / (std + 1e-4)`` to the trajectories on the device;
+3. the update of ``make_train_step(objective, ...)`` re-evaluates the recorded transitions under
+   the new params (``flow_sde_step_logprob``).
+
+:func:`jdpt.train.online.make_online_step` runs the three as one step of ``jdpt.train.fit``.
 
 Samples whose advantage is 0 (groups with equal rewards) are kept, not filtered as the reference
 does (static shapes): their surrogate term is 0, only the KL term acts on them.
@@ -19,7 +20,7 @@ does (static shapes): their surrogate term is 0, only the KL term acts on them.
 Variants: ``FlowGRPO(sde="cps")`` samples and scores with coefficients-preserving steps
 (``flow_cps_step``; Wang & Yu 2025, flow_grpo ``sde_type="cps"``) instead of the SDE; Flow-GRPO's
 evaluation / checkpoint weights are an EMA of the trained ones, :func:`ema_update` (decay 0.9
-every 8 steps), kept by the caller beside the train state.
+every 8 steps): ``FlowGRPO(ema=True)`` keeps it in the train state (``aux["ema"]``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flax import nnx
 from jdpt.diffusion.samplers import (cps_log_prob, flow_cps_sample, flow_cps_step, flow_sde_sample, flow_sde_step,
                                      gaussian_log_prob)
 from jdpt.diffusion.schedules import flow_sigmas
+from jdpt.objectives.advantages import device_group_advantages
 from jdpt.objectives.ddpo import (check_transitions, clipped_surrogate, guided_prediction,
                                   scan_transitions)
 from jdpt.objectives.denoiser import Denoiser, check_prediction, reference_model
@@ -90,6 +92,10 @@ class FlowGRPO:
         clip_range, adv_clip: the surrogate's ratio clip and advantage clip.
         beta: KL weight (0 skips the reference forward).
         sde: ``"flow"`` (Flow-GRPO's SDE) or ``"cps"`` (coefficients-preserving sampling).
+        global_std: advantages divide by the whole batch's reward std (flow_grpo's default).
+        ema: keep flow_grpo's EMA of the trained weights (evaluation weights; the update never
+            reads them) in ``aux["ema"]``. flow_grpo's configs enable it; jdpt's default is off, as
+            it costs a copy of the trainable weights and changes no training step.
     """
 
     denoise: Denoiser
@@ -104,6 +110,8 @@ class FlowGRPO:
     sde_window_size: int | None = None
     sde_window_range: tuple[int, int] | None = None
     sde: str = "flow"
+    global_std: bool = True
+    ema: bool = False
 
     def __post_init__(self):
         check_prediction(self.denoise, "velocity", "FlowGRPO")
@@ -178,6 +186,19 @@ class FlowGRPO:
         if self.cfg_scale != 1.0:
             batch["uncond"] = uncond
         return batch, traj.samples[-1]
+
+    def advantages(self, aux: Any, batch: dict[str, Any], rewards: Array, ids: Array):
+        """Group advantages of ``rewards`` ``[B]`` by prompt ``ids`` ``[B]`` as
+        ``batch["advantages"]``. Returns ``(aux, batch, metrics)``; jittable."""
+        adv = device_group_advantages(rewards, ids, global_std=self.global_std)
+        return aux, {**batch, "advantages": adv}, {"advantage_abs": jnp.abs(adv).mean()}
+
+    def init_aux(self, params: nnx.State) -> Any:
+        return {"ema": params} if self.ema else None
+
+    def update_aux(self, aux: Any, params: nnx.State, step: Array) -> Any:
+        # flow_grpo steps the EMA with its global step after the update
+        return aux if aux is None else {**aux, "ema": ema_update(aux["ema"], params, step + 1)}
 
     def transition(self, velocity: Array, x: Array, sigma: Array, sigma_next: Array) -> tuple[Array, Array]:
         """The rollout's step ``(mean, std)`` for ``velocity`` at ``x`` (``flow_sde_step`` with

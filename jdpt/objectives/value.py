@@ -7,25 +7,23 @@ reward, with ``V`` a small network on the flattened latent ``x_t``, a text embed
 step index ``t``, regressed onto the final reward by MSE with its own optimizer (AdamW, lr 1e-4,
 256 transitions per update, 5 accumulated mini-batches per online iteration).
 
-Here the value net is a separate model with its own train state: ``make_train_step(
-ValueRegression(), optax.adamw(1e-4), mesh, model=value_net)``. One online DPOK iteration:
-
-1. ``batch, x0 = dpok.rollout(policy, cond, noise, key)``; host rewards ``r`` ``[B]``.
-2. ``value_state, _ = value_step(value_state, value_batch(batch, r, text), key)`` (the
-   reference trains ``V`` before the policy, on a replay buffer of recent transitions; a caller
-   may concatenate several rollouts' :func:`value_batch` rows the same way).
-3. ``batch["advantages"] = value_advantages(value, batch, r, text)`` ``[B, K]`` (jit it with
-   ``value = value_state.frozen.model(value_state.params)``), then the DPOK update(s) with
-   ``DPOK(baseline="value")``.
+In the one training loop the value net lives in the policy's train state:
+``DPOK(baseline="value", value=ValueBaseline(...))`` keeps its params and AdamW state in
+``aux["value"]`` and, in each online iteration, trains it on the rollout before computing the
+advantages (:class:`ValueBaseline`). The pieces also compose by hand: ``make_train_step(
+ValueRegression(), optax.adamw(1e-4), mesh, model=value_net)`` trains a separate value net on
+:func:`value_batch` rows, and :func:`value_advantages` gives ``A = r - V`` ``[B, K]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jdpt.parallel.step import Frozen
@@ -126,3 +124,74 @@ def value_advantages(value: ValueNet, batch: dict[str, Any], rewards: Array, tex
     v = jax.lax.stop_gradient(value(rows["x_t"], rows["text"], rows["step"]))
     b, k = jnp.shape(batch["x_t"])[:2]
     return (rows["reward"] - v).reshape(b, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_graph(state_size: int, text_size: int, num_steps: int, hidden: int, depth: int) -> nnx.GraphDef:
+    model = nnx.eval_shape(lambda: ValueNet(state_size, text_size, num_steps, hidden, depth, rngs=nnx.Rngs(0)))
+    return nnx.graphdef(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueBaseline:
+    """DPOK's value net inside the policy's train state (``aux["value"]``: its params and AdamW
+    state), so that one checkpoint holds both networks and a resumed run continues both.
+
+    Per online iteration (:meth:`DPOK.advantages <jdpt.objectives.ddpo.DPOK.advantages>`), as the
+    reference orders it: ``updates`` AdamW steps of :func:`value_loss` on the rollout's transitions
+    (dpok trains ``V`` before the policy), then ``A = r - V(x_t, c, t)`` per transition.
+
+    Attributes:
+        state_size, text_size, num_steps, hidden, depth: the :class:`ValueNet`.
+        text: ``text(model, cond) -> [B, text_size]``, the value net's text features of the
+            conditions, computed at rollout time (dpok: the reward model's CLIP text features;
+            e.g. the pooled prompt embedding).
+        learning_rate: dpok's AdamW rate (1e-4).
+        updates: value steps per rollout (jdpt's default 1; dpok accumulates 5 mini-batches of 256
+            transitions drawn from its replay buffer).
+        seed: the value net's initialisation.
+    """
+
+    state_size: int
+    text_size: int
+    text: Any
+    num_steps: int = 50
+    hidden: int = 256
+    depth: int = 3
+    learning_rate: float = 1e-4
+    updates: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not callable(self.text):
+            raise ValueError("ValueBaseline.text must be a function text(model, cond) -> [B, text_size]")
+        if self.updates < 1 or self.learning_rate <= 0:
+            raise ValueError(f"ValueBaseline needs updates >= 1 and learning_rate > 0; got {self.updates}, "
+                             f"{self.learning_rate}")
+
+    def _optimizer(self) -> optax.GradientTransformation:
+        return optax.adamw(self.learning_rate)
+
+    def net(self, params: nnx.State) -> ValueNet:
+        return nnx.merge(_value_graph(self.state_size, self.text_size, self.num_steps, self.hidden, self.depth),
+                         params)
+
+    def init(self) -> dict[str, Any]:
+        """``{"params", "opt_state"}`` of a fresh value net."""
+        net = ValueNet(self.state_size, self.text_size, self.num_steps, self.hidden, self.depth,
+                       rngs=nnx.Rngs(self.seed))
+        params = nnx.state(net)
+        return {"params": params, "opt_state": self._optimizer().init(params)}
+
+    def fit(self, state: dict[str, Any], rows: dict[str, Array]) -> tuple[dict[str, Any], Metrics]:
+        """``updates`` AdamW steps of :func:`value_loss` on ``rows`` (:func:`value_batch`)."""
+        optimizer = self._optimizer()
+
+        def one(state, _):
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda p: value_loss(self.net(p), rows), has_aux=True)(state["params"])
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+        state, losses = jax.lax.scan(one, state, None, length=self.updates)
+        return state, {"value_loss": losses[-1]}

@@ -10,10 +10,16 @@ rebuilds the model with ``frozen.model(params)`` (``nnx.merge`` inside), so
   ``frozen.rest``, and the reference "base without adapters" is
   ``frozen.model(jax.tree.map(jnp.zeros_like, params))`` (a zero adapter adds exactly 0), with
   no second copy of the weights;
-- a separate reference / reward model travels in ``frozen.extra``.
+- a separate reference / reward model travels in ``frozen.extra``;
+- what the objective changes during training besides the params (DiffusionNFT's old policy, an
+  EMA, DDPO's per-prompt stat tracker, DPOK's value net and its optimizer state) is the train
+  state's ``aux``: the objective's optional ``init_aux(params)`` makes it, the loss reads it as
+  ``frozen.aux`` (no gradient), and the objective's optional ``update_aux(aux, params, step)``
+  moves it after every optimizer update, inside the same jitted step. ``jdpt.train.fit``
+  checkpoints it with the params, so a resumed run continues it bit for bit.
 
-:func:`make_train_step` returns ``(init_state, step)``: ``init_state(model, extra=None)``
-places a :class:`TrainState` on the mesh by the rules table, ``step(state, batch, key) ->
+:func:`make_train_step` returns ``(init_state, step)``: ``init_state(model, extra=None,
+aux=None)`` places a :class:`TrainState` on the mesh by the rules table, ``step(state, batch, key) ->
 (state, metrics)`` is one ``jax.jit`` with in/out shardings that donates the trainable part of
 the state. :func:`pmap_step` gives the same update under ``jax.pmap``.
 
@@ -56,13 +62,16 @@ class Frozen:
         extra: the objective's own frozen pieces, any pytree (e.g. ``{"reference": nnx.State}``);
             ``nnx.Variable`` leaves are placed by the rules table, other arrays replicated.
         compute_dtype: the dtype the step computes in (static; ``None``: the stored dtypes).
-            Inside the loss, ``params``, ``rest`` and ``extra`` are already in it.
+            Inside the loss, ``params``, ``rest``, ``extra`` and ``aux`` are already in it.
+        aux: inside the loss, the train state's ``aux`` (the objective's training-time state,
+            without gradient); None outside the step.
     """
 
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     rest: nnx.State
     extra: Any = None
     compute_dtype: Any = struct.field(pytree_node=False, default=None)
+    aux: Any = None
 
     def model(self, params: nnx.State) -> nnx.Module:
         """The model with trainable variables ``params``."""
@@ -75,7 +84,8 @@ class Frozen:
 
 @struct.dataclass
 class TrainState:
-    """Step counter, trainable params (fp32 master copy), optimizer state and the frozen rest.
+    """Step counter, trainable params (fp32 master copy), optimizer state, the frozen rest and the
+    objective's ``aux`` state (module docstring; None for objectives without one).
 
     Under :func:`pmap_step` every array has a leading device axis (identical replicas).
     """
@@ -84,13 +94,20 @@ class TrainState:
     params: nnx.State
     opt_state: optax.OptState
     frozen: Frozen | None
+    aux: Any = None
 
 
 class Objective(Protocol):
-    """A post-training objective: its loss (a mean over the batch) and metrics."""
+    """A post-training objective: its loss (a mean over the batch) and metrics. It may also have
+    ``init_aux(params) -> aux`` and ``update_aux(aux, params, step) -> aux`` (module docstring)."""
 
     def loss(self, params: nnx.State, frozen: Frozen, batch: Batch,
              key: jax.Array) -> tuple[jax.Array, Metrics]: ...
+
+
+def _aux_rules(objective: Objective) -> tuple[Callable | None, Callable | None]:
+    init, update = getattr(objective, "init_aux", None), getattr(objective, "update_aux", None)
+    return (init if callable(init) else None), (update if callable(update) else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +162,7 @@ def _update(objective: Objective, optimizer: optax.GradientTransformation, cfg: 
     """One optimizer update: micro-batch gradients (lax.scan) averaged, optionally averaged
     over ``axis_name`` (pmap), clipped, applied. ``gather`` puts weights in their compute layout."""
     m = cfg.micro_batches
-    frozen = _cast(gather(frozen), cfg.compute_dtype)
+    frozen = _cast(gather(frozen.replace(aux=jax.lax.stop_gradient(state.aux))), cfg.compute_dtype)
 
     def loss_fn(params, micro, k):
         loss, metrics = objective.loss(_cast(gather(params), cfg.compute_dtype), frozen, micro, k)
@@ -178,8 +195,29 @@ def _update(objective: Objective, optimizer: optax.GradientTransformation, cfg: 
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    aux = state.aux
+    _, update_aux = _aux_rules(objective)
+    if update_aux is not None:
+        aux = update_aux(aux, params, state.step)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, aux=aux)
     return new, {**metrics, "grad_norm": grad_norm}
+
+
+def _initial_aux(objective: Objective, params: nnx.State, aux: Any, shardings: Any) -> Any:
+    """The objective's ``aux`` at step 0 (``aux`` if given, else ``init_aux(params)``), as fresh
+    buffers (the step donates it) placed by ``shardings`` (None: left where it is)."""
+    init_aux, _ = _aux_rules(objective)
+    if aux is None and init_aux is not None:
+        aux = init_aux(params)
+    if aux is None:
+        return None
+    if init_aux is not None:
+        want, got = jax.tree.structure(jax.eval_shape(init_aux, params)), jax.tree.structure(aux)
+        if want != got:
+            raise ValueError(f"init_state got aux of structure {got}; {type(objective).__name__}.init_aux "
+                             f"makes {want}")
+    aux = jax.tree.map(jnp.copy, aux)
+    return aux if shardings is None else jax.device_put(aux, shardings)
 
 
 def make_train_step(
@@ -217,20 +255,24 @@ def make_train_step(
             activations in the backward pass.
 
     Returns:
-        ``init_state(model, extra=None) -> TrainState`` and ``step(state, batch, key) ->
+        ``init_state(model, extra=None, aux=None) -> TrainState`` (``aux``: the objective's
+        state, default ``objective.init_aux(params)``) and ``step(state, batch, key) ->
         (state, metrics)``; ``metrics`` holds the objective's metrics, ``loss`` and
         ``grad_norm``. ``step`` donates ``state`` (use the returned one). Pass batches as host
         arrays (one host) or from :func:`jdpt.parallel.shard_batch`. ``step.lower(state, batch,
-        key)`` lowers the jitted update without running it (``.compile().memory_analysis()``).
+        key)`` lowers the jitted update without running it (``.compile().memory_analysis()``);
+        ``step.batch_sharding`` is the batch's ``NamedSharding``.
     """
     cfg = _Settings(micro_batches, compute_dtype, clip_norm, remat)
     graphdef, params, _ = _split(model, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
+    init_aux, _ = _aux_rules(objective)
     shardings = TrainState(
         step=replicated,
         params=param_shardings(params, mesh, rules),
         opt_state=param_shardings(jax.eval_shape(optimizer.init, params), mesh, rules),
         frozen=None,
+        aux=None if init_aux is None else param_shardings(jax.eval_shape(init_aux, params), mesh, rules),
     )
     micro = NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
     gathered = compute_rules(rules)
@@ -246,7 +288,7 @@ def make_train_step(
     )
     shards = batch_shards(mesh)
 
-    def init_state(model: nnx.Module, extra: Any = None) -> TrainState:
+    def init_state(model: nnx.Module, extra: Any = None, aux: Any = None) -> TrainState:
         params, rest = _check_structure(model, trainable, graphdef)
         # Copies: the step donates them, the model's own arrays must stay valid. (An explicit
         # copy: device_put(..., may_alias=False) of a one-device array onto a replicated
@@ -255,7 +297,8 @@ def make_train_step(
         opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
         frozen = Frozen(graphdef, shard_params(rest, mesh, rules),
                         None if extra is None else shard_params(extra, mesh, rules), compute_dtype)
-        return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state, frozen)
+        return TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state, frozen,
+                          _initial_aux(objective, params, aux, shardings.aux))
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         check_batch(batch, micro_batches * shards,
@@ -269,6 +312,7 @@ def make_train_step(
         return update.lower(state.replace(frozen=None), state.frozen, batch, key)
 
     step.lower = lower
+    step.batch_sharding = batch_sharding(mesh)
     return init_state, step
 
 
@@ -306,11 +350,12 @@ def pmap_step(
     def replicate(tree):
         return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), stacked), tree)
 
-    def init_state(model: nnx.Module, extra: Any = None) -> TrainState:
+    def init_state(model: nnx.Module, extra: Any = None, aux: Any = None) -> TrainState:
         params, rest = _check_structure(model, trainable, graphdef)
         frozen = Frozen(graphdef, replicate(rest), replicate(extra), compute_dtype)
         return TrainState(replicate(np.zeros((), np.int32)), replicate(params),
-                          replicate(optimizer.init(params)), frozen)
+                          replicate(optimizer.init(params)), frozen,
+                          replicate(_initial_aux(objective, params, aux, None)))
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         size = check_batch(batch, n * micro_batches, f"{n} devices x micro_batches={micro_batches}")

@@ -27,11 +27,13 @@ def jpeg_size_kb(images, quality: int = QUALITY) -> np.ndarray:
     return sizes
 
 
-def jpeg_compressibility(images) -> np.ndarray:
-    """DDPO's compressibility reward: ``-jpeg_size_kb(images)``, float32 ``[B]``."""
+def jpeg_compressibility(images, prompts=None) -> np.ndarray:
+    """DDPO's compressibility reward: ``-jpeg_size_kb(images)``, float32 ``[B]`` (a
+    :class:`~jdpt.rewards.reward.Reward`: the prompts are ignored)."""
     return -jpeg_size_kb(images)
 
 
-def jpeg_incompressibility(images) -> np.ndarray:
-    """DDPO's incompressibility reward: ``+jpeg_size_kb(images)``, float32 ``[B]``."""
+def jpeg_incompressibility(images, prompts=None) -> np.ndarray:
+    """DDPO's incompressibility reward: ``+jpeg_size_kb(images)``, float32 ``[B]`` (a
+    :class:`~jdpt.rewards.reward.Reward`: the prompts are ignored)."""
     return jpeg_size_kb(images)

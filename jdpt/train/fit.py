@@ -1,11 +1,17 @@
 """The resumable train loop: a step function, a grain loader and an Orbax checkpoint directory.
 
+One loop runs every kind of training: pretraining and offline post-training (a
+:func:`jdpt.parallel.make_train_step` step on a data loader), online post-training (a rollout
+phase and an update phase in one step, :func:`jdpt.train.online.make_online_step`, on a prompt
+loader) and, later, distillation.
+
 :func:`fit` runs ``state, metrics = step(state, batch, jax.random.fold_in(key, i))`` for steps
 ``i = 0, 1, ...`` (``step`` from :func:`jdpt.parallel.make_train_step` or ``pmap_step``) and keeps
 in ``checkpoint_dir``, every ``save_every`` steps and at the end, an Orbax checkpoint of
 
 - ``state/``: the trainable part of the :class:`~jdpt.parallel.TrainState` (``step``,
-  ``params``, ``opt_state``); the frozen weights are inputs of the run, not outputs;
+  ``params``, ``opt_state`` and the objective's ``aux`` state: an old policy, EMA weights, stat
+  trackers, a value net and its optimizer); the frozen weights are inputs of the run, not outputs;
 - ``data/``: the grain iterator's position, one file per JAX process;
 - ``key/``: the run's base RNG key (implementation name and key data).
 
@@ -456,7 +462,8 @@ def fit(
             with several processes); None passes the host batch to ``step`` as it is.
         progress: show a tqdm progress bar.
         hooks: ``hook(step, state, metrics)`` called after each update (and its checkpoint, if
-            one is due) with the number of updates done, the state and the (device) metrics.
+            one is due) with the number of updates done, the state and the (device) metrics. A
+            hook returning True ends the run there (checkpointed), e.g. a wall-clock budget.
 
     Returns:
         The final state and the records logged by this call (``time`` aside, the lines the
@@ -539,12 +546,13 @@ def fit(
                 if done % save_every == 0 or done == num_steps:
                     save(done, state.replace(frozen=None))
                     saved = done
-                for hook in hooks:
-                    hook(done, state, metrics)
+                stop = [bool(hook(done, state, metrics)) for hook in hooks]
                 if sigterm() or manager.reached_preemption(done):
                     if saved != done:
                         save(done, state.replace(frozen=None))
                     raise Preempted(done, directory)  # the manager waits for the write on exit
+                if any(stop):
+                    break
             if saved != done:
                 save(done, state.replace(frozen=None))
         finally:

@@ -12,13 +12,14 @@ exact verifier, built on the library as its first user (the library never import
   MaPO, DDPO, reward backprop, Flow-GRPO, DiffusionNFT) under a wall-clock budget.
 """
 
-from jdpt.world.adapter import world_latents, world_velocity
+from jdpt.world.adapter import adapter_for, unet_world_eps, world_latents, world_velocity
 from jdpt.world.alignment import METHODS, AlignSettings, PostTrainResult, post_train
 from jdpt.world.alignment_runs import geneval
 from jdpt.world.cache import PRESETS, CacheError, base_model, cache_root, load_model, model_dir, save_model
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets, object_areas
-from jdpt.world.model import WorldConfig, WorldModel, empty_prompt, make_sampler
-from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate, flow_matching_loss, pretrain
+from jdpt.world.evaluation import eval_prompts, evaluate, make_sampler
+from jdpt.world.model import WorldConfig, WorldModel, empty_prompt
+from jdpt.world.pretraining import PretrainConfig, pretrain, pretraining_objective
 from jdpt.world.scenes import CATEGORIES, Prompt, ShapesConfig, parse_prompt, render, sample_pairs, sample_prompts
 from jdpt.world.verifier import Verdict, detect, geneval_lite_reward, verify
 
@@ -27,6 +28,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "AlignSettings",
+    "adapter_for",
     "CacheError",
     "PostTrainResult",
     "PretrainConfig",
@@ -42,7 +44,6 @@ __all__ = [
     "empty_prompt",
     "eval_prompts",
     "evaluate",
-    "flow_matching_loss",
     "geneval",
     "geneval_lite_reward",
     "load_model",
@@ -53,10 +54,12 @@ __all__ = [
     "parse_prompt",
     "post_train",
     "pretrain",
+    "pretraining_objective",
     "render",
     "sample_pairs",
     "sample_prompts",
     "save_model",
+    "unet_world_eps",
     "verify",
     "world_latents",
     "world_velocity",

@@ -14,6 +14,7 @@ import jax
 
 from jdpt.models.flux import unpack_latents
 from jdpt.world.model import WorldModel
+from jdpt.world.unet_model import UNetWorldModel
 
 Array = jax.Array
 
@@ -50,3 +51,38 @@ def world_latents(model: WorldModel, images: Array) -> Array:
     """uint8 scenes ``[B, H, W, 3]`` -> the clean packed latents ``x0`` ``[B, N, C]`` the world
     model denoises (the same map as pretraining: :meth:`WorldModel.latents`)."""
     return model.latents(images)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetWorldAdapter:
+    """The UNet world model (:class:`~jdpt.world.unet_model.UNetWorldModel`) as an eps-prediction
+    DDPM: ``cond = {"input_ids": [B, L]}``, ``x_t`` pixel latents ``[B, h, w, C]`` at integer
+    steps ``t`` ``[B]``."""
+
+    prediction: ClassVar[str] = "epsilon"
+
+    def __call__(self, model: UNetWorldModel, x_t: Array, t: Array, cond: dict) -> Array:
+        context, _ = model.encode_prompts(cond["input_ids"])
+        return model(x_t, t, context)
+
+    def latents(self, model: UNetWorldModel, images: Array, key: Array | None = None) -> Array:
+        return model.latents(images)
+
+    def images(self, model: UNetWorldModel, x0: Array) -> Array:
+        return model.config.codec().decode_latents(x0)
+
+    def latent_shape(self, model: UNetWorldModel) -> tuple[int, int, int]:
+        size = model.config.shapes.image_size // model.config.pixel_factor
+        return size, size, model.config.codec().latent_channels
+
+
+unet_world_eps = UNetWorldAdapter()
+
+
+def adapter_for(model: WorldModel | UNetWorldModel) -> WorldAdapter | UNetWorldAdapter:
+    """The adapter of a Shapes-world model."""
+    if isinstance(model, UNetWorldModel):
+        return unet_world_eps
+    if isinstance(model, WorldModel):
+        return world_velocity
+    raise ValueError(f"adapter_for takes a Shapes-world model (WorldModel, UNetWorldModel); got {type(model).__name__}")

@@ -2,8 +2,9 @@
 
 ``post_train(base, "nft", AlignSettings(), budget_seconds=300)`` copies the base model, adds LoRA
 adapters to the Flux attention projections (or trains the whole transformer with ``full=True``),
-and trains one method with ``jdpt.parallel.make_train_step`` until a wall-clock budget or a step
-count is spent:
+and trains one method with the library's pieces, ``jdpt.parallel.make_train_step`` (and
+``jdpt.train.online.make_online_step`` for the online methods) driven by ``jdpt.train.fit``,
+until a wall-clock budget or a step count is spent:
 
 - offline, on one preference data set made once by the base model and the verifier: SFT on the
   winners, Diffusion-DPO (its flow form: velocity MSEs), MaPO;
@@ -21,8 +22,10 @@ evaluations, the final evaluation and the offline data set are outside it.
 from __future__ import annotations
 
 import dataclasses
-import math
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,6 +36,8 @@ from tqdm.auto import tqdm
 
 from jdpt.models.lora import add_lora
 from jdpt.parallel import make_mesh, make_train_step
+from jdpt.train import fit
+from jdpt.train.online import make_online_step
 from jdpt.world.alignment_runs import (
     METHODS,
     OFFLINE,
@@ -41,8 +46,8 @@ from jdpt.world.alignment_runs import (
     copy_tree,
     geneval,
     make_offline_data,
-    offline_run,
-    online_run,
+    offline_method,
+    online_method,
 )
 from jdpt.world.colour_mass import object_areas
 from jdpt.world.model import WorldModel
@@ -142,21 +147,67 @@ class PostTrainResult:
     after_clutter: dict[str, float] | None = None
 
 
-def _bar(method: str, budget: float | None, steps: int | None, progress: bool):
-    if steps is not None:
-        return tqdm(total=steps, desc=LABELS[method], unit="step", disable=not progress)
-    return tqdm(total=budget, desc=LABELS[method], unit="s", disable=not progress,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s budget{postfix}")
+class _Clock:
+    """The run's hook for ``jdpt.train.fit``: the budget's clock (wall-clock of steps 2..,
+    without the probe evaluations), the training curve, the probe curve and the progress bar.
+    Returns True (ends the run) once the budget is spent."""
+
+    def __init__(self, method: str, budget: float | None, steps: int | None, probe, probes: int,
+                 progress: bool):
+        self.budget, self.steps, self.probe, self.probes = budget, steps, probe, probes
+        self.elapsed, self.iterations, self.rollouts = 0.0, [], []
+        self.curve = {"step": [], "loss": [], "reward": []}
+        self.probe_curve = None if probe is None else {"step": [0], "seconds": [0.0], "probe": []}
+        self.next_probe = 1
+        if steps is not None:
+            self.bar = tqdm(total=steps, desc=LABELS[method], unit="step", disable=not progress)
+        else:
+            self.bar = tqdm(total=budget, desc=LABELS[method], unit="s", disable=not progress,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s budget{postfix}")
+
+    def start(self, state) -> None:
+        if self.probe is not None:
+            self.probe_curve["probe"].append(self.probe(state))
+        self.last = time.perf_counter()
+
+    def __call__(self, done: int, state, metrics) -> bool:
+        now = time.perf_counter()
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if done > 1:  # the first step compiles the rollout and the update
+            self.iterations.append(now - self.last)
+            self.rollouts.append(values.get("rollout_seconds", 0.0))
+            self.elapsed += now - self.last
+        self.curve["step"].append(done)
+        self.curve["loss"].append(values["loss"])
+        self.curve["reward"].append(values.get("reward"))
+        self.bar.update(1 if self.steps is not None else min(self.elapsed, self.budget) - self.bar.n)
+        self.bar.set_postfix(step=done, loss=f"{values['loss']:.4g}", t=f"{self.elapsed:.0f}s")
+        finished = (self.steps is not None and done >= self.steps) or (
+            self.budget is not None and self.elapsed >= self.budget)
+        due = finished or (self.steps is not None and done >= self.next_probe * self.steps / self.probes) or (
+            self.budget is not None and self.elapsed >= self.next_probe * self.budget / self.probes)
+        if due:
+            self.next_probe += 1
+            if self.probe is not None:
+                self.probe_curve["step"].append(done)
+                self.probe_curve["seconds"].append(self.elapsed)
+                self.probe_curve["probe"].append(self.probe(state))
+        self.last = time.perf_counter()  # probes are outside the budget
+        return finished
 
 
 def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSettings(), *,
                budget_seconds: float | None = None, steps: int | None = None, full: bool = False,
                lr: float | None = None, data: OfflineData | None = None, areas: dict[str, float] | None = None,
                eval_set: list[Prompt] | None = None, probe_set: list[Prompt] | None = None,
-               progress: bool = True) -> PostTrainResult:
+               checkpoint_dir: str | Path | None = None, progress: bool = True) -> PostTrainResult:
     """Post-train a copy of ``base`` with ``method`` (one of :data:`METHODS`) until
     ``budget_seconds`` of training time or ``steps`` steps, whichever ends first.
 
+    The run is the library's: ``make_train_step`` on the method's objective (through
+    :func:`jdpt.train.online.make_online_step` for the online methods) driven by
+    ``jdpt.train.fit``. ``checkpoint_dir``: its checkpoint folder (a step-limited run interrupted
+    there resumes from its last checkpoint); None: a temporary folder, removed at the end.
     ``data``: the offline methods' preference data (:func:`make_offline_data`; made here when
     None). ``areas``: reward backprop's object areas (``object_areas``; computed when None).
     ``lr``: overrides :data:`LORA_LR` (divided by 10 for ``full``). ``probe_set`` / ``eval_set``:
@@ -175,6 +226,9 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
     if budget_seconds is not None and not budget_seconds > 0:
         raise ValueError(f"budget_seconds={budget_seconds} must be > 0")
     config = base.config.shapes
+    if method == "reward_backprop" and settings.strict_reward:
+        raise ValueError("AlignSettings.strict_reward applies to the verifier's rewards; reward_backprop "
+                         "optimises the differentiable colour-mass surrogate instead: set strict_reward=False")
     if method in OFFLINE and data is None:
         data = make_offline_data(base, settings, progress=progress)
     if method in OFFLINE and data.strict != settings.strict_reward:
@@ -184,76 +238,46 @@ def post_train(base: WorldModel, method: str, settings: AlignSettings = AlignSet
     if method == "reward_backprop" and areas is None:
         areas = object_areas(config)
     model = fresh_model(base, full, settings)
-    run = offline_run(method, data, settings) if method in OFFLINE else online_run(method, model, settings, areas)
+    run = offline_method(method, data, settings) if method in OFFLINE else online_method(method, model, settings, areas)
     rate = lr if lr is not None else LORA_LR[method] / (10 if full else 1)
-    optimizer = optax.adamw(rate, weight_decay=1e-4)
-    trainable = FULL if full else "lora"
     mesh = make_mesh(devices=jax.devices()[:1])
-    init_state, step = make_train_step(run.objective, optimizer, mesh, model=model, trainable=trainable,
-                                       clip_norm=CLIP_NORM.get(method, 1.0))
-    params = nnx.state(model, FULL if full else nnx.LoRAParam)
-    extra = run.extra(params)
+    init_state, step = make_train_step(run.objective, optax.adamw(rate, weight_decay=1e-4), mesh, model=model,
+                                       trainable=FULL if full else "lora", clip_norm=CLIP_NORM.get(method, 1.0))
+    if run.online is not None:
+        step = make_online_step(run.objective, step, **run.online)
+    extra = None
     if full and method in ("dpo", "flow_grpo", "nft"):  # the objectives with a reference term
-        extra = {**(extra or {}), "reference": copy_tree(params)}
+        extra = {"reference": copy_tree(nnx.state(model, FULL))}
     state = init_state(model, extra=extra)
     key = jax.random.key(settings.seed + 6)
+    c0 = time.perf_counter()  # compile + memory analysis, outside the budget
+    memory = memory_stats(step.lower(state, next(iter(run.loader)), jax.random.fold_in(key, 0)).compile())
+    compile_s = time.perf_counter() - c0
 
     def probe(state):
-        return geneval(state.params, state.frozen, probe_set, config, seed=settings.seed + 7).summary()["overall"]
+        return geneval(state.frozen.model(state.params), probe_set, seed=settings.seed + 7).summary()["overall"]
 
-    curve = None if probe_set is None else {"step": [0], "seconds": [0.0], "probe": [probe(state)]}
-    train_curve = {"step": [], "reward": [], "loss": []}
-    iteration_s, update_s = [], []
-    elapsed, i, compile_s, memory = 0.0, 0, 0.0, None
-    limit = steps if steps is not None else math.inf
-    budget = budget_seconds
-    next_probe = 1
-    bar = _bar(method, budget, steps, progress)
-    while i < limit and (budget is None or elapsed < budget):
-        t0 = time.perf_counter()
-        batch, reward = run.batch(state, i)
-        if i == 0:  # compile + memory analysis outside the budget
-            c0 = time.perf_counter()
-            memory = memory_stats(step.lower(state, batch, jax.random.fold_in(key, i)).compile())
-            compile_s = time.perf_counter() - c0
-            t0 += compile_s
-        t1 = time.perf_counter()
-        state, metrics = step(state, batch, jax.random.fold_in(key, i))
-        metrics = jax.device_get(metrics)
-        state = run.after(state, i)
-        jax.block_until_ready(state.params)
-        t2 = time.perf_counter()
-        i += 1
-        if i > 1:  # the first iteration compiles the rollout and the step
-            iteration_s.append(t2 - t0)
-            update_s.append(t2 - t1)
-            elapsed += t2 - t0
-        if reward is None and "reward" in metrics:
-            reward = float(metrics["reward"])
-        train_curve["step"].append(i)
-        train_curve["loss"].append(float(metrics["loss"]))
-        train_curve["reward"].append(reward)
-        bar.update(1 if steps is not None else min(elapsed, budget) - bar.n)
-        bar.set_postfix(step=i, loss=f"{float(metrics['loss']):.4g}", t=f"{elapsed:.0f}s")
-        due = (steps is not None and i >= next_probe * steps / settings.probes) or (
-            budget is not None and elapsed >= next_probe * budget / settings.probes)
-        done = i >= limit or (budget is not None and elapsed >= budget)
-        if curve is not None and (due or done):
-            curve["step"].append(i)
-            curve["seconds"].append(elapsed)
-            curve["probe"].append(probe(state))
-        if due or done:
-            next_probe += 1
-    bar.close()
+    clock = _Clock(method, budget_seconds, steps, None if probe_set is None else probe, settings.probes, progress)
+    clock.start(state)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="jdpt-align-"))
+    try:
+        state, _ = fit(step, state, run.loader, key=key, num_steps=steps or 10**9, checkpoint_dir=directory,
+                       save_every=10**9, log_every=1, progress=False, hooks=[clock])
+    finally:
+        clock.bar.close()
+        if checkpoint_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+    trained = state.frozen.model(state.params)
     evaluation = {}
     if eval_set is not None:
-        verdict = geneval(state.params, state.frozen, eval_set, config, seed=settings.seed + 8)
+        verdict = geneval(trained, eval_set, seed=settings.seed + 8)
         evaluation = dict(after=verdict.summary(), after_scores=verdict.score, after_clutter=verdict.clutter())
+    iterations = clock.iterations
     return PostTrainResult(
-        method=method, label=LABELS[method], model=state.frozen.model(state.params),
-        trainable="full transformer" if full else f"LoRA r{settings.lora_rank}", learning_rate=rate, steps=i,
-        train_seconds=elapsed, compile_seconds=compile_s,
-        mean_iteration_seconds=float(np.mean(iteration_s)) if iteration_s else None,
-        mean_update_seconds=float(np.mean(update_s)) if update_s else None, memory=memory,
-        train_curve={**train_curve, "reward_name": run.reward_name}, probe_curve=curve,
+        method=method, label=LABELS[method], model=trained,
+        trainable="full transformer" if full else f"LoRA r{settings.lora_rank}", learning_rate=rate,
+        steps=int(state.step), train_seconds=clock.elapsed, compile_seconds=compile_s,
+        mean_iteration_seconds=float(np.mean(iterations)) if iterations else None,
+        mean_update_seconds=float(np.mean(iterations) - np.mean(clock.rollouts)) if iterations else None,
+        memory=memory, train_curve={**clock.curve, "reward_name": run.reward_name}, probe_curve=clock.probe_curve,
         **evaluation)

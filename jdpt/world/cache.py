@@ -11,6 +11,7 @@ names the differing settings.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from typing import Any
 
 from jdpt.weights import checkpoint
 from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel
-from jdpt.world.pretraining import PretrainConfig
+from jdpt.world.evaluation import eval_prompts, evaluate
+from jdpt.world.pretraining import PretrainConfig, pretrain
 from jdpt.world.unet_model import UNetWorldConfig, UNetWorldModel
 
 World = WorldConfig | UNetWorldConfig
@@ -147,10 +149,10 @@ def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, 
     (with a progress bar), evaluated and cached on first use.
 
     ``world`` / ``train`` override the preset's configs; a cached model of different configs is
-    an error, never retrained over.
+    an error, never retrained over. Pretraining checkpoints into a run folder beside the model
+    folder (``.<preset>-pretraining-<config hash>``), so an interrupted first run resumes where it
+    stopped; the folder is removed once the model is saved.
     """
-    from jdpt.world.pretraining import eval_prompts, evaluate, pretrain
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     world = world or PRESETS[preset][0]
@@ -170,13 +172,21 @@ def base_model(preset: str = "default", *, cache_dir: str | Path | None = None, 
     if directory.exists() and any(directory.iterdir()):
         raise CacheError(f"{directory} is not empty but holds no {META}; delete it or use another cache")
     check_writable(directory)
-    model, history = pretrain(world, train, progress=progress)
+    digest = hashlib.sha256(json.dumps(describe(world, train), sort_keys=True).encode()).hexdigest()[:10]
+    run = directory.parent / f".{preset}-pretraining-{digest}"
+    if progress:
+        resumed = " (resuming an interrupted run)" if run.exists() else ""
+        print(f"pretraining the Shapes-world {preset!r} base model into {directory}: {train.steps} steps of "
+              f"{train.batch_size} pairs{resumed}; interrupt any time, the next run resumes from the last "
+              "checkpoint", flush=True)
+    model, history = pretrain(world, train, progress=progress, checkpoint_dir=run)
     _, verdict = evaluate(model, eval_prompts(32, world), progress=progress)
     info = {"history": history, "eval": {"n_per_category": 32, "steps": SAMPLING_STEPS, "cfg_scale": CFG_SCALE,
                                          **verdict.summary()}}
     if directory.exists():
         directory.rmdir()
     save_model(model, directory, train=train, info=info)
+    shutil.rmtree(run, ignore_errors=True)
     return model, read_meta(directory)
 
 

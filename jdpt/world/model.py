@@ -124,6 +124,11 @@ class WorldConfig:
     def codec(self) -> PixelCodec:
         return PixelCodec(factor=self.pixel_factor)
 
+    def latents(self, images):
+        """uint8 scenes ``[B, H, W, 3]`` -> the clean packed tokens ``x0`` ``[B, N, C]`` the model
+        denoises (NumPy in, NumPy out; JAX in, JAX out: the map is a reshape)."""
+        return pack_latents(self.codec().encode_latents(images.astype(np.float32) / 127.5 - 1.0))
+
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, **dataclasses.asdict(self)}
 
@@ -165,17 +170,7 @@ class WorldModel(nnx.Module):
 
     def latents(self, images: jax.Array) -> jax.Array:
         """uint8 scenes ``[B, H, W, 3]`` -> the clean packed tokens ``x0`` ``[B, N, C]`` it denoises."""
-        return pack_latents(self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0))
-
-    def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
-        """Rectified-flow loss on uint8 scenes ``[B, H, W, 3]``, ``sigma ~ logit-normal(noise_mean, 1)``."""
-        x0 = self.latents(images)
-        k_t, k_eps = jax.random.split(key)
-        t = jax.nn.sigmoid(self.config.noise_mean + jax.random.normal(k_t, (x0.shape[0],)))
-        eps = jax.random.normal(k_eps, x0.shape)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        context, pooled = self.encode_prompts(input_ids)
-        return jnp.mean((self(x_t, t, context, pooled) - (eps - x0)) ** 2)
+        return self.config.latents(images)
 
     def generate(self, input_ids: jax.Array, key: jax.Array, *, steps: int = SAMPLING_STEPS,
                  cfg_scale: float = CFG_SCALE, latents: jax.Array | None = None, guidance=None) -> jax.Array:
@@ -201,28 +196,6 @@ class WorldModel(nnx.Module):
     def tokenize(self, texts) -> np.ndarray:
         """Prompt texts -> ``int32 [B, PROMPT_TOKENS]`` ids (unknown words: ValueError)."""
         return tokenize(texts, self.config.shapes, PROMPT_TOKENS)
-
-
-def make_sampler(model: WorldModel, *, steps: int = SAMPLING_STEPS, cfg_scale: float = CFG_SCALE, guidance=None):
-    """A jitted ``sample(input_ids [B, L], key, guidance=guidance) -> uint8 [B, H, W, 3]`` of
-    ``model`` (its state is split once and passed as a pytree, so the function compiles once per
-    batch shape).
-
-    ``guidance``: a ``jdpt.guidance`` method replacing ``cfg_scale`` (see
-    :meth:`WorldModel.generate`). It is a traced argument: passing another one of the same
-    structure (other scales, other SoftPAG head weights) reuses the compiled function.
-    """
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, ids, key, guidance):
-        extra = {} if guidance is None else {"guidance": guidance}  # models without guidance= (UNet world)
-        return nnx.merge(graphdef, state).generate(ids, key, steps=steps, cfg_scale=cfg_scale, **extra)
-
-    def sample(input_ids, key, guidance=guidance):
-        return run(state, input_ids, key, guidance)
-
-    return sample
 
 
 def empty_prompt(length: int = PROMPT_TOKENS) -> np.ndarray:

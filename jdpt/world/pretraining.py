@@ -1,27 +1,36 @@
-"""Pretraining the Shapes-world model from scratch with rectified-flow matching.
+"""Pretraining a Shapes-world model from scratch, through the one training loop.
 
-Text tower and Flux are trained jointly on (prompt, scene) pairs rendered on the fly:
-``x_t = (1 - t) x_0 + t eps`` with ``t`` logit-normal (SD3's sampling of training noise levels,
-Esser et al. 2024), target velocity ``eps - x_0``, mean squared error. Prompts are dropped to the
-empty prompt with probability ``uncond_prob`` so the model also learns the unconditional velocity
-that classifier-free guidance needs.
+Text tower and denoiser are trained jointly on (prompt, scene) pairs rendered on the fly
+(:class:`jdpt.world.data.SceneBatches`) with the library's :class:`~jdpt.objectives.SFT`
+objective through the world's adapter, by ``jdpt.parallel.make_train_step`` and
+``jdpt.train.fit``: a killed or interrupted pretraining resumes from its last checkpoint. The
+Flux world trains with rectified flow, ``x_t = (1 - t) x0 + t eps``, ``t`` logit-normal centred
+at ``noise_mean`` (SD3's sampling of training noise levels, Esser et al. 2024), target velocity
+``eps - x0``; the UNet world as an eps-prediction DDPM. Prompts are dropped to the empty prompt
+with probability ``uncond_prob`` so the model also learns the unconditional prediction that
+classifier-free guidance needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
-from jdpt.world.model import CFG_SCALE, SAMPLING_STEPS, WorldConfig, WorldModel, empty_prompt, make_sampler
-from jdpt.world.scenes import CATEGORIES, Prompt, as_rng, sample_pairs, sample_prompts
-from jdpt.world.verifier import Verdict, verify
+from jdpt.objectives.sft import SFT, ForwardProcess
+from jdpt.parallel import make_mesh, make_train_step
+from jdpt.train import fit
+from jdpt.world.adapter import unet_world_eps, world_velocity
+from jdpt.world.data import SceneBatches, stream
+from jdpt.world.model import WorldConfig, WorldModel
+from jdpt.world.unet_model import UNetWorldConfig, UNetWorldModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,86 +75,39 @@ class PretrainConfig:
                            optax.adamw(schedule, b2=0.99, weight_decay=self.weight_decay))
 
 
-def flow_matching_loss(model: WorldModel, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
-    """Rectified-flow loss of ``model`` on uint8 scenes ``[B, H, W, 3]`` and their token ids."""
-    return model.training_loss(input_ids, images, key)
+def pretraining_objective(world: WorldConfig | UNetWorldConfig) -> SFT:
+    """The world's pretraining loss: :class:`SFT` through its adapter (rectified flow with
+    logit-normal(``noise_mean``, 1) sigmas for the Flux world, DDPM eps for the UNet world)."""
+    if isinstance(world, UNetWorldConfig):
+        return SFT(unet_world_eps, ForwardProcess.ddpm(world.schedule()))
+    return SFT(world_velocity, ForwardProcess(timesteps="logit_normal", logit_mean=world.noise_mean))
 
 
-def make_pretrain_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
-    """``step((params, opt_state), batch) -> ((params, opt_state), metrics)``; jit it once.
+def pretrain(world: WorldConfig | UNetWorldConfig, train: PretrainConfig, *, progress: bool = True,
+             log_every: int = 50, checkpoint_dir: str | Path | None = None,
+             save_every: int = 1000) -> tuple[WorldModel | UNetWorldModel, dict]:
+    """Train a Shapes-world model from scratch with ``jdpt.train.fit``; returns it and its history
+    (``step`` and ``loss`` every ``log_every`` steps of the whole run, ``seconds`` of this call).
 
-    ``batch`` holds ``input_ids`` ``[B, L]``, ``images`` uint8 ``[B, H, W, 3]`` and a ``key``.
-    """
-
-    def step(state, batch):
-        params, opt_state = state
-
-        def loss_fn(p):
-            return nnx.merge(graphdef, p).training_loss(batch["input_ids"], batch["images"], batch["key"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return step
-
-
-def pretrain(world: WorldConfig, train: PretrainConfig, *, progress: bool = True,
-             log_every: int = 50) -> tuple[WorldModel, dict]:
-    """Train a Shapes-world model from scratch; returns it and a history of the loss.
-
-    Scenes are rendered on the host while the previous step runs (JAX dispatch is asynchronous);
-    the loss is read back every ``log_every`` steps only.
+    ``checkpoint_dir``: the run's folder; a run interrupted there (Ctrl-C, a kill) resumes from
+    its last checkpoint (every ``save_every`` steps) when called again with it. None: a temporary
+    folder, removed at the end. Scenes are rendered by grain's reader threads while the previous
+    step runs; one device trains (the world is small).
     """
     model = world.build(nnx.Rngs(train.seed))
-    graphdef, params = nnx.split(model)
-    optimizer = train.optimizer()
-    state = (params, optimizer.init(params))
-    step = jax.jit(make_pretrain_step(graphdef, optimizer), donate_argnums=0)
-    rng = np.random.default_rng(train.seed)
-    key = jax.random.key(train.seed + 1)
-    empty = empty_prompt()
-    history = {"step": [], "loss": []}
+    mesh = make_mesh(devices=jax.devices()[:1])
+    init_state, step = make_train_step(pretraining_objective(world), train.optimizer(), mesh, model=model)
+    loader = stream(SceneBatches(world, train.batch_size, train.seed, train.uncond_prob), train.steps)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="jdpt-pretrain-"))
     start = time.perf_counter()
-    bar = tqdm(range(train.steps), desc="pretrain", unit="step", disable=not progress)
-    pending = []
-    for i in bar:
-        prompts, images = sample_pairs(rng, train.batch_size, world.shapes)
-        ids = model.tokenize([p.text for p in prompts])
-        ids[rng.random(len(ids)) < train.uncond_prob] = empty
-        state, metrics = step(state, {"input_ids": ids, "images": images, "key": jax.random.fold_in(key, i)})
-        pending.append(metrics["loss"])
-        if (i + 1) % log_every == 0 or i + 1 == train.steps:
-            loss = float(np.mean(jax.device_get(pending)))
-            pending = []
-            history["step"].append(i + 1)
-            history["loss"].append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}")
-    bar.close()
-    history["seconds"] = time.perf_counter() - start
-    nnx.update(model, state[0])
-    return model, history
-
-
-def eval_prompts(n_per_category: int, world: WorldConfig, seed: int = 2024) -> list[Prompt]:
-    """A fixed prompt set: ``n_per_category`` prompts of each GenEval category, category-major."""
-    rng = as_rng(seed)
-    return [p for c in CATEGORIES for p in sample_prompts(rng, n_per_category, world.shapes, categories=[c])]
-
-
-def evaluate(model: WorldModel, prompts: list[Prompt], *, seed: int = 0, steps: int = SAMPLING_STEPS,
-             cfg_scale: float = CFG_SCALE, batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, Verdict]:
-    """Sample one image per prompt and score it with the verifier (GenEval-lite)."""
-    sample = make_sampler(model, steps=steps, cfg_scale=cfg_scale)
-    key = jax.random.key(seed)
-    chunks = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sample", unit="batch", disable=not progress):
-        chunk = prompts[i:i + batch_size]
-        ids = model.tokenize([p.text for p in chunk])
-        pad = batch_size - len(ids)  # one compiled shape for every chunk
-        ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
-        chunks.append(np.asarray(sample(ids, jax.random.fold_in(key, i)))[: len(chunk)])
-    images = np.concatenate(chunks)
-    return images, verify(images, prompts, model.config.shapes)
-
+    try:
+        state, _ = fit(step, init_state(model), loader, key=jax.random.key(train.seed + 1),
+                             num_steps=train.steps, checkpoint_dir=directory, save_every=save_every,
+                             log_every=log_every, progress=progress)
+        lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        if checkpoint_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+    nnx.update(model, state.params)
+    return model, {"step": [line["step"] for line in lines], "loss": [line["loss"] for line in lines],
+                   "seconds": time.perf_counter() - start}

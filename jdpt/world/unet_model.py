@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdpt.diffusion.schedules import DDPMSchedule, alpha_cumprod_at
+from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.diffusion.sd_pipeline import sd_generate
 from jdpt.models.clip import CLIPTextConfig, CLIPTextModel
 from jdpt.models.pixels import PixelCodec
@@ -94,6 +94,11 @@ class UNetWorldConfig:
     def codec(self) -> PixelCodec:
         return PixelCodec(factor=self.pixel_factor)
 
+    def latents(self, images):
+        """uint8 scenes ``[B, H, W, 3]`` -> the clean pixel latents ``x0`` ``[B, h, w, C]`` the model
+        denoises (NumPy or JAX, as given)."""
+        return self.codec().encode_latents(images.astype(np.float32) / 127.5 - 1.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, **dataclasses.asdict(self)}
 
@@ -130,19 +135,7 @@ class UNetWorldModel(nnx.Module):
 
     def latents(self, images: jax.Array) -> jax.Array:
         """uint8 scenes ``[B, H, W, 3]`` -> the clean pixel latents ``x0`` ``[B, h, w, C]`` it denoises."""
-        return self.config.codec().encode_latents(images.astype(jnp.float32) / 127.5 - 1.0)
-
-    def training_loss(self, input_ids: jax.Array, images: jax.Array, key: jax.Array) -> jax.Array:
-        """DDPM eps-prediction loss on uint8 scenes ``[B, H, W, 3]``, ``t ~ U{0..T-1}``."""
-        schedule = self.config.schedule()
-        x0 = self.latents(images)
-        k_t, k_eps = jax.random.split(key)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
-        eps = jax.random.normal(k_eps, x0.shape)
-        a = alpha_cumprod_at(schedule, t)[:, None, None, None]
-        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
-        context, _ = self.encode_prompts(input_ids)
-        return jnp.mean((self(x_t, t, context) - eps) ** 2)
+        return self.config.latents(images)
 
     def generate(self, input_ids: jax.Array, key: jax.Array, *, steps: int, cfg_scale: float,
                  latents: jax.Array | None = None) -> jax.Array:

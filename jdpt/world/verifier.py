@@ -257,6 +257,22 @@ def verify(images, prompts: Sequence[Prompt | str], config: ShapesConfig = Shape
     return verdict.strict() if strict else verdict
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifierReward:
+    """GenEval-lite as a :class:`jdpt.rewards.reward.Reward` of online post-training:
+    ``reward(images, prompts) -> [B]`` 0/1 scores (``strict``: extra objects fail)."""
+
+    config: ShapesConfig = ShapesConfig()
+    strict: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'strict ' if self.strict else ''}verifier score 0/1"
+
+    def __call__(self, images, prompts: Sequence[Prompt | str]) -> np.ndarray:
+        return verify(images, prompts, self.config, strict=self.strict).score
+
+
 def geneval_lite_reward(images, prompts: Sequence[Prompt | str],
                         config: ShapesConfig = ShapesConfig(), *, strict: bool = False) -> np.ndarray:
     """The verifier's score as a reward: float32 ``[B]`` in {0, 1}."""

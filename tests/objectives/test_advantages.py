@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jdpt.objectives.advantages import (PerPromptStatTracker, check_rewards, group_advantages,
-                                        sharded_group_advantages)
+from jdpt.objectives.advantages import (PerPromptStatTracker, check_rewards, device_group_advantages,
+                                        group_advantages, prompt_ids, sharded_group_advantages)
 from jdpt.parallel import make_mesh
 
 
@@ -79,13 +79,51 @@ def reference_tracker(batches, buffer_size, min_count):
 
 
 def test_per_prompt_stat_tracker_matches_reference():
+    """The on-device table (jitted, its state threaded through) against the deque reference, on
+    batches with a repeated prompt, more rewards than the buffer holds and prompts new mid-way."""
     rng = np.random.default_rng(2)
-    batches = [(["a", "b", "a", "c"], rng.normal(size=4) + np.array([0, 5, 0, -3])) for _ in range(5)]
-    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    prompts = [["a", "b", "a", "c"], ["a", "b", "a", "c"], ["d", "a", "a", "a", "a", "a"], ["b", "d"], ["a", "c", "d", "b"]]
+    batches = [(p, rng.normal(size=len(p)) + rng.normal(size=len(p)) * 3) for p in prompts]
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3, capacity=8)
     want = reference_tracker(batches, 4, 3)
-    for (prompts, rewards), expected in zip(batches, want):
-        np.testing.assert_allclose(tracker.update(prompts, rewards), expected, rtol=1e-5, atol=1e-6)
-    assert len(tracker.buffers["a"]) == 4 and len(tracker.buffers["b"]) == 4  # the buffer's maxlen
+    state = tracker.init()
+    update = jax.jit(tracker.update)
+    for (texts, rewards), expected in zip(batches, want):
+        state, got = update(state, prompt_ids(texts), np.asarray(rewards, np.float32))
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+    ids = prompt_ids(["a", "b"])
+    slots = [int(np.flatnonzero(np.asarray(state["keys"]) == i)[0]) for i in ids]
+    assert [int(state["count"][s]) for s in slots] == [10, 4]  # rewards ever added (a's buffer keeps 4)
+    assert int(state["overflow"]) == 0
+
+
+def test_per_prompt_stat_tracker_overflow_falls_back_to_the_batch():
+    """A full table: new prompts are normalised by the batch and counted; known ones still tracked."""
+    tracker = PerPromptStatTracker(buffer_size=2, min_count=1, capacity=2)
+    state = tracker.init()
+    state, _ = tracker.update(state, prompt_ids(["a", "b"]), np.array([1.0, 2.0], np.float32))
+    rewards = np.array([5.0, 3.0, 0.0], np.float32)
+    state, adv = tracker.update(state, prompt_ids(["a", "c", "b"]), rewards)
+    assert int(state["overflow"]) == 1
+    batch = (3.0 - rewards.mean()) / (rewards.std() + 1e-6)
+    np.testing.assert_allclose(np.asarray(adv), [(5 - 3) / (2 + 1e-6), batch, (0 - 1) / (1 + 1e-6)], rtol=1e-5)
+
+
+def test_prompt_ids_are_stable_and_non_negative():
+    ids = prompt_ids(["a red circle", "two squares", "a red circle"])
+    assert ids.dtype == np.int32 and (ids >= 0).all() and ids[0] == ids[2] != ids[1]
+    np.testing.assert_array_equal(prompt_ids(["a red circle"]), ids[:1])
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_device_group_advantages_equal_host(global_std):
+    rewards = np.random.default_rng(3).normal(size=12).astype(np.float32)
+    labels = ["x"] * 4 + ["y"] * 4 + ["z"] * 4
+    order = np.random.default_rng(4).permutation(12)
+    got = jax.jit(lambda r, i: device_group_advantages(r, i, global_std=global_std))(
+        rewards[order], prompt_ids([labels[i] for i in order]))
+    want = reference_group_advantages(rewards[order], [labels[i] for i in order], global_std)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_rewards_are_errors():
@@ -99,9 +137,7 @@ def test_bad_rewards_are_errors():
         group_advantages([1.0, 2.0], 0)
     with pytest.raises(ValueError, match=r"group labels must be \[B\] = \[4\]"):
         group_advantages([1.0, 2.0, 3.0, 4.0], ["a", "b"])
-    with pytest.raises(ValueError, match="prompts .* and rewards .* must both be"):
-        PerPromptStatTracker().update(["a"], [1.0, 2.0])
-    with pytest.raises(ValueError, match="finite"):
-        PerPromptStatTracker().update(["a", "b"], [1.0, np.inf])
+    with pytest.raises(ValueError, match="buffer_size, min_count and capacity >= 1"):
+        PerPromptStatTracker(capacity=0)
     with pytest.raises(ValueError, match="finite"):
         sharded_group_advantages(jax.numpy.asarray([1.0, np.nan] * 4), 2, make_mesh())

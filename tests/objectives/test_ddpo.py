@@ -18,7 +18,6 @@ from jdpt.diffusion.samplers import ddim_step, ddim_step_logprob
 from jdpt.diffusion.schedules import DDPMSchedule
 from jdpt.models.flux import unpack_latents
 from jdpt.models.lora import add_lora
-from jdpt.objectives.advantages import PerPromptStatTracker
 from jdpt.objectives.ddpo import (
     DDPO,
     DPOK,
@@ -32,6 +31,7 @@ from jdpt.objectives.ddpo import (
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
 from jdpt.rewards.compressibility import jpeg_compressibility
+from jdpt.train.online import make_online_step
 from jdpt.world import WorldConfig, WorldModel, empty_prompt
 from jdpt.world.adapter import world_velocity
 
@@ -311,30 +311,30 @@ def test_bad_batches_and_settings_are_errors():
 WORLD_SCHEDULE = DDPMSchedule.stable_diffusion()
 WORLD_EPS = flow_as_epsilon(world_velocity, WORLD_SCHEDULE)
 ROLLOUT_STEPS, CFG = 2, 2.0
-# One compiled rollout serves DDPO and DPOK (same sampler settings).
-world_rollout = jax.jit(lambda params, frozen, cond, uncond, noise, key: ddim_rollout(
-    WORLD_EPS, frozen.model(params), cond, noise, key, schedule=WORLD_SCHEDULE, num_steps=ROLLOUT_STEPS,
-    eta=1.0, cfg_scale=CFG, uncond=uncond))
 
 
-def online_iteration(objective, seed):
-    """rollout -> NumPy rewards + advantages on the host -> 2 updates; returns both steps' metrics."""
+def online_iteration(objective, seed, group_size=2, with_state=False):
+    """One online step's rollout -> JPEG rewards -> on-device advantages
+    (``make_online_step(...).prepare``), then 2 updates on those trajectories; returns the
+    trajectories (host copy) and both updates' metrics (and the state, its aux as after the
+    rollout, with ``with_state``)."""
     model = tiny_world()
-    init_state, step = make_train_step(objective, optax.adam(1e-2), make_mesh(), model=model, trainable="lora")
-    state = init_state(model)
-    prompts = PROMPTS * 2
-    cond, uncond = world_cond(model, prompts)
-    noise = jax.random.normal(jax.random.key(seed), (len(prompts), 64, 4 * model.config.codec().latent_channels))
-    batch, x0 = world_rollout(state.params, state.frozen, cond, uncond, noise, jax.random.key(seed + 1))
-    batch = jax.device_get(batch)  # to the host: rewards, then the sharded update
-    rewards = jpeg_compressibility(world_images(model, x0))
-    batch["advantages"] = PerPromptStatTracker().update(prompts, rewards)
-    assert batch["x_t"].shape[:2] == (8, ROLLOUT_STEPS) and np.isfinite(batch["logp_old"]).all()
+    mesh = make_mesh()
+    init_state, update = make_train_step(objective, optax.adam(1e-2), mesh, model=model, trainable="lora")
+    step = make_online_step(objective, update, reward=jpeg_compressibility,
+                            decode=lambda m, frozen, x0: world_velocity.images(m, x0),
+                            latent_shape=world_velocity.latent_shape(model), group_size=group_size)
+    cond, uncond = world_cond(model, PROMPTS)
+    state, batch, key, _ = step.prepare(init_state(model), {"cond": cond, "uncond": uncond,
+                                                            "prompt": np.asarray(PROMPTS)}, jax.random.key(seed))
+    host = jax.device_get(batch)
+    assert host["x_t"].shape[:2] == (4 * group_size, ROLLOUT_STEPS) and np.isfinite(host["logp_old"]).all()
+    aux = jax.device_get(state.aux)
     metrics = []
     for i in range(2):
-        state, m = step(state, batch, jax.random.key(seed + 2 + i))
+        state, m = update(state, batch, jax.random.fold_in(key, i))
         metrics.append(jax.device_get(m))
-    return batch, metrics
+    return (host, metrics, state.replace(aux=aux)) if with_state else (host, metrics)
 
 
 def test_ddpo_online_iteration_on_tiny_world():

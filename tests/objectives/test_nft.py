@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 from flax import nnx
 
 from jdpt.objectives.nft import NFT, nft_loss, nft_r, nft_velocities, update_old
+from jdpt.parallel import make_mesh, make_train_step
 from jdpt.world.adapter import world_velocity
 from tests.objectives.fixtures_offline import (ToyDenoiser, perturbed, random_latents, tiny_world, toy_denoise,
                                                toy_frozen, toy_numpy, trainable_copy, train_two_steps,
@@ -118,7 +120,8 @@ def test_objective_matches_numpy():
     model = ToyDenoiser(5, seed=4)
     params, _ = toy_frozen(model)
     old, reference = perturbed(params, 5, 0.05), perturbed(params, 6, 0.2)
-    params, frozen = toy_frozen(model, extra={"old": old, "reference": reference})
+    params, frozen = toy_frozen(model, extra={"reference": reference})
+    frozen = frozen.replace(aux={"old": old})
     rng = np.random.default_rng(7)
     batch = {"x0": rng.normal(size=(4, 3, 5)).astype(np.float32),
              "cond": {"c": rng.normal(size=(4, 5)).astype(np.float32)},
@@ -147,11 +150,11 @@ def test_objective_matches_numpy():
 
 def test_nan_advantages_and_missing_pieces():
     params, frozen = toy_frozen(ToyDenoiser(5), extra=None)
-    frozen = frozen.replace(extra={"old": params})
+    frozen = frozen.replace(aux={"old": params})
     rng = np.random.default_rng(0)
     batch = {"x0": rng.normal(size=(2, 3, 5)).astype(np.float32), "cond": {"c": np.zeros((2, 5), np.float32)},
              "advantage": np.array([0.5, np.nan], np.float32)}
-    objective = NFT(denoise=toy_denoise, kl_beta=0.0)
+    objective = NFT(denoise=toy_denoise, kl_beta=0.0, timesteps="uniform")
     with pytest.raises(ValueError, match=r"advantage has 1 non-finite value\(s\) at rows \[1\]"):
         objective.loss(params, frozen, batch, jax.random.key(0))
     # Under jit it cannot raise: the loss is NaN and the metric counts the bad rows.
@@ -160,25 +163,62 @@ def test_nan_advantages_and_missing_pieces():
     good = {**batch, "advantage": np.array([0.5, 1.0], np.float32)}
     with pytest.raises(ValueError, match=r"advantage has shape \(3,\); expected \(2,\)"):
         objective.loss(params, frozen, {**good, "advantage": np.zeros(3, np.float32)}, jax.random.key(0))
-    with pytest.raises(ValueError, match="NFT needs the old policy"):
-        objective.loss(params, frozen.replace(extra=None), good, jax.random.key(0))
+    with pytest.raises(ValueError, match="NFT needs the old policy in the train state"):
+        objective.loss(params, frozen.replace(aux=None), good, jax.random.key(0))
     with pytest.raises(ValueError, match="needs a reference model"):  # KL on, full params, no reference
         NFT(denoise=toy_denoise).loss(params, frozen, good, jax.random.key(0))
     with pytest.raises(ValueError, match="beta > 0"):
         NFT(toy_denoise, beta=0.0)
 
 
-# Full fine-tuning with reference and old copies: one more ~10 s compile, so outside the default
-# suite (the toy-model tests above cover extra["reference"] and extra["old"] by default).
+# Full fine-tuning with a reference copy: one more ~10 s compile, so outside the default suite (the
+# toy-model tests above cover extra["reference"]). The old policy is the train state's aux.
 @pytest.mark.parametrize("trainable", ["lora", pytest.param("all", marks=pytest.mark.slow)])
 def test_train_step_on_world(trainable):
     model = tiny_world(lora=trainable == "lora")
     batch = {"x0": random_latents(0, 2, model), "cond": world_cond(model, 2),
              "advantage": np.array([1.5, -0.7], np.float32)}
-    extra = {"old": trainable_copy(model, trainable)}
-    if trainable == "all":
-        extra["reference"] = trainable_copy(model, "all")
+    extra = {"reference": trainable_copy(model, "all")} if trainable == "all" else None
     first, second = train_two_steps(NFT(world_velocity), model, batch, trainable=trainable, extra=extra)
     assert np.isfinite(first["loss"]) and np.isfinite(second["loss"]) and first["loss"] != second["loss"]
     # Step 1: policy == reference (zero adapters / the copy; separate XLA fusions may leave ~1e-14).
     assert float(first["kl"]) <= 1e-10 < 1e-8 < float(second["kl"])
+
+
+def test_old_policy_lives_in_the_train_state():
+    """init_aux copies the trainable params; each update moves the old policy by update_old with
+    the step count (step 0: old = the updated params)."""
+    model = tiny_world(lora=True)
+    objective = NFT(world_velocity)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    init, step = make_train_step(objective, optax.adam(1e-2), mesh, model=model, trainable="lora")
+    state = init(model)
+    start = jax.device_get(state.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.aux["old"]), jax.tree.leaves(start)))
+    batch = {"x0": random_latents(0, 2, model), "cond": world_cond(model, 2),
+             "advantage": np.array([1.5, -0.7], np.float32)}
+    olds = [start]
+    for i in range(3):
+        state, _ = step(state, batch, jax.random.key(i))
+        want = update_old(olds[-1], jax.device_get(state.params), i)
+        got = jax.device_get(state.aux["old"])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        olds.append(got)
+    assert not np.array_equal(jax.tree.leaves(olds[1])[0], jax.tree.leaves(olds[3])[0])
+
+
+def test_online_batch_repeats_samples_over_the_training_sigmas():
+    """advantages(): group advantages per prompt id, every sample once per training sigma."""
+    objective = NFT(toy_denoise, num_steps=10, shift=3.0)
+    sigmas = objective.train_sigmas()
+    assert len(sigmas) == 9 and np.allclose(sigmas, objective.sigmas()[:9])
+    x0 = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    batch = {"x0": x0, "cond": {"c": np.arange(4, dtype=np.float32)[:, None]}}
+    rewards, ids = np.array([1.0, 0.0, 2.0, 2.0], np.float32), np.array([7, 7, 3, 3], np.int32)
+    _, rows, _ = jax.jit(objective.advantages)(None, batch, rewards, ids)
+    assert rows["x0"].shape == (36, 3, 2) and rows["t"].shape == (36,) and rows["advantage"].shape == (36,)
+    np.testing.assert_array_equal(rows["x0"][9:18], np.repeat(x0[1:2], 9, axis=0))
+    np.testing.assert_allclose(rows["t"][:9], sigmas)
+    adv = (rewards - np.array([0.5, 0.5, 2.0, 2.0])) / (rewards.std() + 1e-4)
+    np.testing.assert_allclose(rows["advantage"], np.repeat(adv, 9), rtol=1e-5)

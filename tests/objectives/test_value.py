@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from jdpt.objectives.ddpo import DPOK
-from jdpt.objectives.value import ValueNet, ValueRegression, value_advantages, value_batch, value_loss
+from jdpt.objectives.value import (ValueBaseline, ValueNet, ValueRegression, value_advantages, value_batch,
+                                   value_loss)
 from jdpt.parallel import make_mesh, make_train_step
 from jdpt.parallel.step import Frozen
 from tests.objectives.test_ddpo import SCHEDULE, _fast_compiles, perturb, toy_denoise, toy_setup
@@ -164,33 +165,30 @@ def test_dpok_value_baseline_selects_advantages_with_their_steps():
 
 @pytest.mark.slow  # ~30 s of compiles: the value net's and DPOK's steps on the tiny world
 def test_dpok_with_value_net_online_iteration_on_tiny_world():
-    """rollout -> JPEG rewards -> one value update -> adv = r - V -> two DPOK updates (LoRA)."""
+    """Through the online step: rollout -> JPEG rewards -> the value net (in the train state's
+    aux) takes one AdamW step on the transitions -> A = r - V -> two DPOK updates (LoRA). The
+    value step and the advantages are checked against a value net trained by hand."""
     from jdpt.rewards.compressibility import jpeg_compressibility
-    from tests.objectives.test_ddpo import (CFG, PROMPTS, ROLLOUT_STEPS, WORLD_EPS, tiny_world, world_cond,
-                                            world_images, world_rollout)
+    from jdpt.world.adapter import world_velocity
+    from tests.objectives.test_ddpo import CFG, ROLLOUT_STEPS, WORLD_EPS, online_iteration, tiny_world, world_images
 
     model = tiny_world()
-    mesh = make_mesh()
-    objective = DPOK(WORLD_EPS, num_steps=ROLLOUT_STEPS, cfg_scale=CFG)
-    init_state, step = make_train_step(objective, optax.adam(1e-2), mesh, model=model, trainable="lora")
-    state = init_state(model)
-    prompts = PROMPTS * 2
-    cond, uncond = world_cond(model, prompts)
-    tokens = (64, 4 * model.config.codec().latent_channels)
-    noise = jax.random.normal(jax.random.key(0), (len(prompts), *tokens))
-    batch, x0 = jax.device_get(world_rollout(state.params, state.frozen, cond, uncond, noise, jax.random.key(1)))
-    rewards = jpeg_compressibility(world_images(model, x0)).astype(np.float32)
-    text = np.asarray(model.encode_prompts(jnp.asarray(cond["input_ids"]))[1])  # pooled prompt embedding
-
-    value = ValueNet(int(np.prod(tokens)), text.shape[1], ROLLOUT_STEPS, rngs=nnx.Rngs(3))
-    init_value, value_step = make_train_step(ValueRegression(), optax.adamw(1e-4), mesh, model=value)
-    value_state = init_value(value)
-    value_state, value_metrics = value_step(value_state, value_batch(batch, rewards, text), jax.random.key(2))
+    n, c = world_velocity.latent_shape(model)
+    baseline = ValueBaseline(n * c, model.config.width, lambda m, cond: m.encode_prompts(cond["input_ids"])[1],
+                             num_steps=ROLLOUT_STEPS, seed=3)
+    objective = DPOK(WORLD_EPS, num_steps=ROLLOUT_STEPS, cfg_scale=CFG, value=baseline)
+    batch, (first, second), state = online_iteration(objective, 0, with_state=True)
+    assert batch["advantages"].shape == (8, ROLLOUT_STEPS)
+    rewards = jpeg_compressibility(world_images(model, batch["x_next"][:, -1]))
+    value = ValueNet(n * c, model.config.width, ROLLOUT_STEPS, rngs=nnx.Rngs(3))
+    init_value, value_step = make_train_step(ValueRegression(), optax.adamw(1e-4), make_mesh(devices=jax.devices()[:1]),
+                                             model=value)
+    value_state, _ = value_step(init_value(value), value_batch(batch, rewards, batch["text"]), jax.random.key(0))
     trained = value_state.frozen.model(value_state.params)
-    batch["advantages"] = np.asarray(jax.jit(value_advantages)(trained, batch, rewards, text))
-    assert batch["advantages"].shape == (8, ROLLOUT_STEPS) and np.isfinite(float(value_metrics["loss"]))
-    state, first = step(state, batch, jax.random.key(4))
-    state, second = step(state, batch, jax.random.key(5))
+    for a, b in zip(jax.tree.leaves(state.aux["value"]["params"]), jax.tree.leaves(value_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    want = np.asarray(value_advantages(trained, batch, rewards, batch["text"]))
+    np.testing.assert_allclose(batch["advantages"], want, rtol=1e-4, atol=1e-4)
     # on-policy, policy == pretrained: loss = -alpha mean(A) (clamped ratio 1), KL 0
     np.testing.assert_allclose(float(first["loss"]), -100 * batch["advantages"].mean(), rtol=1e-3, atol=1e-3)
     assert float(first["kl"]) < 1e-10 and np.isfinite(float(second["loss"])) and float(second["kl"]) > 0

@@ -17,10 +17,10 @@ from flax import nnx
 from jdpt import cli
 from jdpt.world import AlignSettings, WorldConfig, WorldModel, post_train
 from jdpt.world.alignment import reward_description
-from jdpt.world.alignment_runs import OfflineData, make_offline_data
+from jdpt.world.alignment_runs import OfflineData, make_offline_data, online_method
 from jdpt.world.cache import PRESETS
 from jdpt.world.colour_mass import colour_mass_reward, mass_targets, object_areas
-from jdpt.world.pretraining import eval_prompts
+from jdpt.world.evaluation import eval_prompts
 from jdpt.world.scenes import CATEGORIES, PALETTE, ShapesConfig, parse_prompt, render
 from jdpt.world.verifier import verify
 
@@ -123,11 +123,13 @@ def test_settings_and_arguments_are_checked():
         post_train(base, "mapo", strict, steps=1, data=data)
 
 
-@pytest.mark.parametrize("method", ["mapo", "flow_grpo", "nft"])
+@pytest.mark.parametrize("method", ["mapo", "flow_grpo", "nft", "ddpo"])
 def test_strict_reward_scores_training_samples_strictly(monkeypatch, method):
-    """strict_reward reaches the verifier that scores the offline data (MaPO) and the rollouts
-    (Flow-GRPO, NFT), and the reward's name says so; without it the verifier is GenEval-lite's."""
-    import jdpt.world.alignment_runs as runs
+    """strict_reward reaches the verifier that scores the offline data (MaPO) and the rollouts'
+    reward (Flow-GRPO, NFT, DDPO), and the reward's name says so; without it the verifier is
+    GenEval-lite's."""
+    import jdpt.world.evaluation as evaluation
+    import jdpt.world.verifier as verifier
 
     calls = []
 
@@ -135,8 +137,10 @@ def test_strict_reward_scores_training_samples_strictly(monkeypatch, method):
         calls.append(strict)
         return verify(images, prompts, config, strict=strict)
 
-    monkeypatch.setattr(runs, "verify", spy)
+    monkeypatch.setattr(evaluation, "verify", spy)  # the offline data's scores
+    monkeypatch.setattr(verifier, "verify", spy)  # VerifierReward: the online rewards
     base = WorldModel(TINY, rngs=nnx.Rngs(0))
+    prompts = ["a red circle", "two squares"]
     for flag in (True, False):
         calls.clear()
         settings = dataclasses.replace(QUICK, strict_reward=flag)
@@ -144,8 +148,9 @@ def test_strict_reward_scores_training_samples_strictly(monkeypatch, method):
             with pytest.raises(ValueError, match="gave no preference pair"):
                 make_offline_data(base, settings, progress=False)
         else:
-            r = post_train(base, method, settings, steps=1, progress=False)
-            assert r.train_curve["reward_name"].startswith("strict verifier" if flag else "verifier")
+            run = online_method(method, base, settings, None)
+            scores = run.online["reward"](render(prompts, 0, TINY.shapes), prompts)
+            assert scores.shape == (2,) and run.reward_name.startswith("strict verifier" if flag else "verifier")
         assert calls and all(c is flag for c in calls), calls
     assert reward_description(method, True).replace("strict verifier", "verifier") \
         == reward_description(method, False) != reward_description(method, True)

@@ -11,8 +11,9 @@ from flax import nnx
 
 from jdpt import cli
 from jdpt.world.cache import base_model, load_model, model_dir, save_model
-from jdpt.world.model import make_sampler
-from jdpt.world.pretraining import PretrainConfig
+from jdpt.world.evaluation import make_sampler
+from jdpt.parallel.step import Frozen
+from jdpt.world.pretraining import PretrainConfig, pretraining_objective
 from jdpt.world.scenes import sample_pairs
 from jdpt.world.unet_model import UNetWorldConfig
 
@@ -32,13 +33,16 @@ def small():
 
 
 def test_training_loss_is_the_ddpm_eps_objective(small):
-    """The loss equals a NumPy re-derivation: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with the
-    cosine schedule's a_t at t ~ U{0..T-1}, MSE of the UNet's output against eps."""
+    """The pretraining objective (SFT through the UNet world's adapter) equals a NumPy
+    re-derivation: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with the cosine schedule's a_t at
+    t ~ U{0..T-1}, MSE of the UNet's output against eps."""
     world, model = SMALL, small
     prompts, images = sample_pairs(np.random.default_rng(0), 3, world.shapes)
     ids = model.tokenize([p.text for p in prompts])
     key = jax.random.key(7)
-    loss = float(nnx.jit(lambda m, i, x, k: m.training_loss(i, x, k))(model, ids, images, key))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = {"x0": world.latents(images), "cond": {"input_ids": ids}}
+    loss = float(jax.jit(pretraining_objective(world).loss)(params, Frozen(graphdef, rest), batch, key)[0])
 
     k_t, k_eps = jax.random.split(key)
     t = np.asarray(jax.random.randint(k_t, (3,), 0, 1000))

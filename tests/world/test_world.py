@@ -16,7 +16,9 @@ from jdpt import cli
 from jdpt.models.flux import image_ids, unpack_latents
 from jdpt.world.cache import PRESETS, CacheError, base_model, load_model, model_dir, save_model
 from jdpt.world.model import WorldConfig, WorldModel
-from jdpt.world.pretraining import PretrainConfig, eval_prompts, evaluate
+from jdpt.world.evaluation import eval_prompts, evaluate
+from jdpt.parallel.step import Frozen
+from jdpt.world.pretraining import PretrainConfig, pretraining_objective
 from jdpt.world.scenes import render
 
 # GenEval-lite of CI's reduced pretraining (2500 steps of 32 pairs: 47 s alone on 2 cores, 70 s
@@ -159,8 +161,9 @@ def test_sample_prediction_world_samples_along_its_velocity():
 
 @pytest.mark.parametrize("noise_mean,sigma", [(40.0, 1.0), (-40.0, 0.0)])
 def test_training_noise_levels_follow_noise_mean(noise_mean, sigma):
-    """sigma = sigmoid(noise_mean + N(0, 1)): a far-off mean pins every level to 1 (pure noise)
-    or 0 (clean), where the loss is written out here."""
+    """The pretraining objective (SFT through the world's adapter) draws sigma = sigmoid(noise_mean
+    + N(0, 1)): a far-off mean pins every level to 1 (pure noise) or 0 (clean), where the loss is
+    written out here."""
     world = WorldConfig(width=32, heads=2, text_layers=1, double_layers=1, single_layers=0,
                         pixel_factor=4, prediction="sample", noise_mean=noise_mean)
     model = world.build(nnx.Rngs(0))
@@ -172,4 +175,7 @@ def test_training_noise_levels_follow_noise_mean(noise_mean, sigma):
     x_t = (1 - sigma) * x0 + sigma * eps
     context, pooled = model.encode_prompts(ids)
     want = jnp.mean((model(x_t, jnp.full((2,), sigma), context, pooled) - (eps - x0)) ** 2)
-    np.testing.assert_allclose(model.training_loss(ids, images, key), want, rtol=1e-5)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss, _ = pretraining_objective(world).loss(params, Frozen(graphdef, rest),
+                                                {"x0": world.latents(images), "cond": {"input_ids": ids}}, key)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)

@@ -34,28 +34,46 @@ def _package(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """Every jdpt module ``path`` imports, at module level or inside a function."""
+def _nodes(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (annotations, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+        if test is not None and "TYPE_CHECKING" in ast.unparse(test):
+            continue
+        yield node
+        yield from _nodes(node)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every jdpt module or name ``path`` imports, at module level or inside a function:
+    ``from jdpt.a import b`` gives ``jdpt.a`` and ``jdpt.a.b`` (b may be a module)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "jdpt"}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] == "jdpt":
-                out.add(node.module)
-                if node.module == "jdpt":  # from jdpt import world
-                    out |= {f"jdpt.{a.name}" for a in node.names}
+                out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
     return out
+
+
+def _sources() -> dict[str, Path]:
+    return {_module_name(p): p for p in [*(ROOT / "jdpt").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]}
 
 
 def package_graph() -> dict[str, set[str]]:
     """Package -> the other jdpt packages its modules import."""
     graph: dict[str, set[str]] = defaultdict(set)
-    for path in [*(ROOT / "jdpt").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
-        module = _module_name(path)
+    for module, path in _sources().items():
         source = _package(module)
-        graph[source] |= {_package(target) for target in _imports(path, module)} - {source}
+        graph[source] |= {_package(t) for t in _imports(path) if t != "jdpt" or source == "jdpt"} - {source}
     return graph
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the jdpt modules it imports (a package's ``__init__`` is the package's name)."""
+    sources = _sources()
+    return {module: {t for t in _imports(path) if t in sources} - {module} for module, path in sources.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -97,6 +115,14 @@ def test_core_packages_never_import_the_world():
 def test_package_imports_have_no_cycle():
     graph = package_graph()
     assert find_cycle(graph) is None, f"import cycle between packages: {' -> '.join(find_cycle(graph))}"
+
+
+def test_module_imports_have_no_cycle():
+    """No module imports, directly or through others, a module that imports it back (lazy imports
+    inside functions included; ``if TYPE_CHECKING:`` imports, which never run, excluded)."""
+    graph = module_graph()
+    assert len(graph) > 80 and "jdpt.world.alignment" in graph["jdpt.world"]
+    assert find_cycle(graph) is None, f"import cycle between modules: {' -> '.join(find_cycle(graph))}"
 
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}

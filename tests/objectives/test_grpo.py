@@ -231,3 +231,18 @@ def test_flow_grpo_online_iteration_on_tiny_world():
     assert float(first["kl"]) < 1e-10
     np.testing.assert_allclose(float(first["loss"]), -np.clip(batch["advantages"], -5, 5).mean(), atol=1e-4)
     assert np.isfinite(float(second["loss"])) and float(second["kl"]) > 0
+
+
+def test_ema_lives_in_the_train_state_when_asked():
+    """FlowGRPO(ema=True): aux["ema"] starts as the params and follows ema_update with the step
+    count after the update (flow_grpo's global_step); off by default (no aux)."""
+    params = {"w": jnp.arange(4.0)}
+    assert FlowGRPO(world_velocity).init_aux(params) is None
+    objective = FlowGRPO(world_velocity, ema=True)
+    aux = objective.init_aux(params)
+    moved = {"w": jnp.arange(4.0) + 10}
+    for step in range(16):
+        got = objective.update_aux(aux, moved, jnp.int32(step))
+        np.testing.assert_allclose(got["ema"]["w"], ema_update(aux["ema"], moved, step + 1)["w"], rtol=1e-6)
+        aux = got
+    assert float(aux["ema"]["w"][0]) > 0  # two updates happened (steps 7 and 15: every 8)

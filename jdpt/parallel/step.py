@@ -183,10 +183,13 @@ def _update(objective: Objective, optimizer: optax.GradientTransformation, cfg: 
         grads, metrics = grad_fn(state.params, micro, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, total, grads), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(m), jax.tree.map(split, batch)))
-    grads = jax.tree.map(lambda g: g / m, grads)
-    metrics = jax.tree.map(lambda x: x.mean(axis=0), metrics)
+    if m == 1:  # no loop around the model: XLA:CPU runs convolutions inside a while loop ~3x slower
+        grads, metrics = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(m), jax.tree.map(split, batch)))
+        grads = jax.tree.map(lambda g: g / m, grads)
+        metrics = jax.tree.map(lambda x: x.mean(axis=0), metrics)
     if axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     grad_norm = optax.tree.norm(grads)
